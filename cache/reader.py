@@ -1,0 +1,207 @@
+"""Read a latent cache: validate its manifest, load it whole, or stream shuffled minibatches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import zarr
+
+from cache.schema import FORMAT, FORMAT_VERSION, STAGING_DIR, CacheError, CacheManifest
+
+_LOAD_BLOCK_ROWS = 16384  # rows read per step by load_latents (bounds the host copy when loading onto a GPU)
+
+
+class LatentCache:
+    """A latent cache opened for reading; create it with `LatentCache.open`."""
+
+    def __init__(self, path: Path, group: zarr.Group, manifest: CacheManifest) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._group = group
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, require_complete: bool = True) -> "LatentCache":
+        """Open and validate the cache at path; CacheError names the path and what to do."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise CacheError(f"no latent cache at {path}; create it with `revq-pipe encode` "
+                             "(or `revq-pipe cache import`), or fix the path")
+        try:
+            group = zarr.open_group(path, mode="r")
+        except Exception as err:  # zarr raises several types for unreadable metadata
+            raise CacheError(f"{path} is not a readable Zarr group ({err}); rebuild it with "
+                             "`revq-pipe encode --overwrite`") from err
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT:
+            raise CacheError(f"{path} is not a latent cache (format={attrs.get('format')!r}, expected "
+                             f"{FORMAT!r}); point at a store written by `revq-pipe encode`")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{path} has cache format version {attrs.get('format_version')!r}, this revq-pipe "
+                             f"reads version {FORMAT_VERSION}; re-encode it with `revq-pipe encode --overwrite` "
+                             "or use the matching revq-pipe version")
+        try:
+            manifest = CacheManifest.from_attrs(attrs)
+        except CacheError as err:
+            raise CacheError(f"{path}: {err}; rebuild it with `revq-pipe encode --overwrite`") from None
+        if require_complete and not manifest.complete:
+            raise CacheError(f"the latent cache at {path} is incomplete (its encoding was interrupted); "
+                             "rerun `revq-pipe encode` with the same arguments to resume it")
+        if manifest.complete:
+            shape = (manifest.num_samples, *manifest.latent_shape)
+            if group["latents"].shape != shape:
+                raise CacheError(f"{path}: latents have shape {group['latents'].shape} but the manifest says "
+                                 f"{shape}; the store is damaged, rebuild it with `revq-pipe encode --overwrite`")
+        return cls(path, group, manifest)
+
+    # ---- metadata -------------------------------------------------------------------------------
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest.latent_shape)
+
+    @property
+    def num_samples(self) -> int:
+        return self.manifest.num_samples
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-element population mean, float32 (C, H, W)."""
+        return torch.from_numpy(np.asarray(self._group["mean"][...], dtype=np.float32))
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Per-element population standard deviation, float32 (C, H, W)."""
+        return torch.from_numpy(np.asarray(self._group["std"][...], dtype=np.float32))
+
+    def labels(self) -> np.ndarray:
+        """Class ids (N,) int32, -1 when unknown."""
+        return np.asarray(self._group["labels"][...], dtype=np.int32)
+
+    def keys(self) -> list[str]:
+        """Source sample keys, in storage order."""
+        return [str(k) for k in self._group["keys"][...].tolist()]
+
+    def check_compatible(self, other: "LatentCache") -> None:
+        """Raise CacheError unless `other` was made by the same VAE with the same latent shape."""
+        if self.manifest.vae != other.manifest.vae:
+            raise CacheError(f"{other.path} was encoded by VAE {other.manifest.vae} but {self.path} by "
+                             f"{self.manifest.vae}; re-encode one of them with the same VAE")
+        if self.latent_shape != other.latent_shape:
+            raise CacheError(f"{other.path} holds latents of shape {other.latent_shape} but {self.path} "
+                             f"{self.latent_shape}; encode both at the same resolution with the same VAE")
+
+    # ---- data -----------------------------------------------------------------------------------
+
+    def load_latents(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The whole split as one (N, C, H, W) tensor in the stored dtype, on `device`."""
+        array = self._group["latents"]
+        out = torch.empty(array.shape, dtype=_torch_dtype(array.dtype), device=device)
+        step = max(1, _LOAD_BLOCK_ROWS // array.chunks[0]) * array.chunks[0]
+        for start in range(0, array.shape[0], step):
+            block = torch.from_numpy(np.ascontiguousarray(array[start:start + step]))
+            out[start:start + block.shape[0]].copy_(block)
+        return out
+
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        window_chunks: int = 8,
+    ) -> Iterator[torch.Tensor]:
+        """Stream float32 minibatches (B, C, H, W) from disk.
+
+        The epoch order is a permutation of all samples, fixed by (seed, epoch): chunks in shuffled
+        order, taken `window_chunks` at a time, rows shuffled within each window (so a minibatch
+        mixes several chunks while each chunk is read once). Rank r takes the r-th of `world_size`
+        contiguous, equal (+-1) slices of that order; together the ranks see every sample exactly
+        once per epoch. Ranks may differ by one batch when drop_last is False.
+        """
+        if not all(isinstance(v, int) and v >= 1 for v in (batch_size, window_chunks)):
+            raise ValueError(f"batch_size={batch_size!r}, window_chunks={window_chunks!r}: expected positive ints")
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+        array = self._group["latents"]
+        n, chunk = array.shape[0], array.chunks[0]
+        windows = _epoch_windows(n, chunk, window_chunks, shuffle, np.random.default_rng([seed, epoch]))
+        lo, hi = rank * n // world_size, (rank + 1) * n // world_size  # this rank's slice of the epoch order
+
+        pending, buffered, position = [], 0, 0
+        for rows in windows:
+            mine = rows[max(lo - position, 0):max(hi - position, 0)]
+            position += len(rows)
+            if len(mine) == 0:
+                continue
+            # one orthogonal read of the sorted rows (Zarr fetches the needed chunks concurrently)
+            order = np.argsort(mine, kind="stable")
+            data = np.empty((len(mine), *array.shape[1:]), dtype=array.dtype)
+            data[order] = array.oindex[mine[order]]
+            pending.append(data)
+            buffered += len(mine)
+            while buffered >= batch_size:
+                data = np.concatenate(pending)
+                yield torch.from_numpy(data[:batch_size].astype(np.float32))
+                pending, buffered = [data[batch_size:]], buffered - batch_size
+        if buffered and not drop_last:
+            yield torch.from_numpy(np.concatenate(pending).astype(np.float32))
+
+
+def _epoch_windows(n: int, chunk: int, window_chunks: int, shuffle: bool,
+                   rng: np.random.Generator) -> list[np.ndarray]:
+    """The epoch order as sample indices per window of `window_chunks` chunks."""
+    num_chunks = -(-n // chunk)
+    order = rng.permutation(num_chunks) if shuffle else np.arange(num_chunks)
+    windows = []
+    for start in range(0, num_chunks, window_chunks):
+        ids = order[start:start + window_chunks]
+        rows = np.concatenate([np.arange(c * chunk, min((c + 1) * chunk, n)) for c in ids])
+        windows.append(rng.permutation(rows) if shuffle else rows)
+    return windows
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}[np.dtype(dtype)]
+
+
+def cache_info(path: str | os.PathLike) -> dict[str, Any]:
+    """Manifest plus a statistics and storage summary, for `revq-pipe cache info`.
+
+    Works on unfinished caches too (then `complete` is false and `units_staged` says how far it got).
+    """
+    cache = LatentCache.open(path, require_complete=False)
+    info: dict[str, Any] = {"path": str(cache.path), **cache.manifest.to_attrs()}
+    bytes_on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    info["bytes_on_disk"] = bytes_on_disk
+    if not cache.manifest.complete:
+        staging = Path(path) / STAGING_DIR
+        info["units_staged"] = len(list(staging.glob("unit_*.npz"))) if staging.is_dir() else 0
+        info["units_total"] = -(-cache.manifest.num_inputs // cache.manifest.chunk_size)
+        return info
+    latents = cache._group["latents"]
+    mean, std = cache.mean.double(), cache.std.double()
+    labels = cache.labels()
+    latent_bytes = sum(f.stat().st_size for f in (Path(path) / "latents").rglob("*") if f.is_file())
+    raw_float32 = latents.size * 4
+    info["statistics"] = {
+        "mean_of_mean": float(mean.mean()), "mean_of_std": float(std.mean()),
+        "min_std": float(std.min()), "max_std": float(std.max()),
+    }
+    info["labels"] = {"num_classes": int(len(np.unique(labels[labels >= 0]))),
+                      "unknown": int((labels < 0).sum())}
+    info["storage"] = {
+        "num_chunks": int(np.prod(latents.cdata_shape)), "chunk_shape": list(latents.chunks),
+        "latent_bytes_on_disk": latent_bytes,
+        "bytes_per_sample": latent_bytes / max(cache.num_samples, 1),
+        "compression_ratio": latents.size * latents.dtype.itemsize / max(latent_bytes, 1),
+        "fraction_of_raw_float32": latent_bytes / raw_float32,
+    }
+    return info

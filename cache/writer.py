@@ -1,0 +1,351 @@
+"""Two-phase, resumable, multi-rank writer of a latent cache.
+
+Phase one: the inputs are cut into work units of `chunk_size` consecutive indices. Whoever encodes
+unit u (rank u % world_size) hands its latents to `write_unit`, which writes one staging part,
+STORE/_staging/unit_000123.npz, to a temporary file and renames it into place. A unit is either
+fully there or absent, so a killed run started again with the same arguments skips what is
+staged and redoes only the rest.
+
+Phase two: `finalize` (rank 0, once every unit is staged) copies the good samples in unit order
+into the final Zarr arrays chunk by chunk, merges the per-unit float64 statistics in unit order,
+records the skipped keys, sets `complete` last and removes the staging parts. Because the order
+is by unit, never by rank, any world size writes the same bytes. A crash inside finalize leaves
+the staging parts and `complete` false, so running finalize again starts it over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+
+from cache.schema import (FORMAT, LATENT_DTYPES, STAGING_DIR, CacheError, CacheManifest,
+                          latent_compressors, small_compressors)
+from cache.stats import MomentAccumulator
+
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_WRITE_BLOCK_CHUNKS = 8  # chunks handed to Zarr per write call during finalize (Zarr writes them concurrently)
+_SPEC_FIELDS = ("split", "num_inputs", "latent_shape", "latent_dtype", "chunk_size", "vae", "image")
+
+
+class CacheWriter:
+    """Writes one split's latent cache; create it with `CacheWriter.open`."""
+
+    def __init__(self, path: Path, manifest: CacheManifest) -> None:
+        self.path = path
+        self.manifest = manifest  # complete=False, num_samples=0 until finalize
+        self.num_inputs = manifest.num_inputs
+        self.chunk_size = manifest.chunk_size
+        self.num_units = math.ceil(self.num_inputs / self.chunk_size)
+        self._staging = path / STAGING_DIR
+
+    # ---- opening --------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        num_inputs: int,
+        latent_shape: Sequence[int],
+        split: str,
+        vae_identity: dict[str, Any],
+        image_recipe: dict[str, Any],
+        chunk_size: int = 256,
+        latent_dtype: str = "float16",
+        overwrite: bool = False,
+        create: bool = True,
+    ) -> "CacheWriter":
+        """Create a new store, or resume an unfinished one written with the identical spec.
+
+        Args:
+            path: local directory of the Zarr store.
+            num_inputs: number of inputs to encode (samples plus those that will be skipped).
+            latent_shape: (C, H, W) of one latent.
+            split: split name recorded in the store.
+            vae_identity: {"source", "class", "weights_sha256"} of the encoder.
+            image_recipe: preprocessing recipe {"resolution", "resize", "crop", "value_range"}.
+            chunk_size: inputs per work unit and rows per Zarr chunk.
+            latent_dtype: "float16" (default) or "float32".
+            overwrite: replace a complete cache, or an unfinished one with a different spec.
+            create: True on rank 0 only. Other ranks pass False after a barrier and just attach
+                to the store rank 0 created or resumed.
+
+        An unfinished store with the identical spec is resumed (with or without `overwrite`):
+        its staged units are exactly what this call would write again.
+        """
+        path = Path(path)
+        manifest = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe,
+                                       chunk_size, latent_dtype)
+        attrs = _read_attrs(path)
+        if not create:
+            if attrs is None or attrs.get("format") != FORMAT or attrs.get("complete", True):
+                raise CacheError(f"no unfinished latent cache at {path} to attach to; rank 0 must call "
+                                 "CacheWriter.open(..., create=True) before the other ranks")
+            _require_same_spec(path, attrs, manifest)
+            return cls(path, manifest)
+
+        if path.exists() and not path.is_dir():
+            raise CacheError(f"{path} is a file, not a directory; choose another output path")
+        if path.is_dir() and any(path.iterdir()):
+            if attrs is None:
+                raise CacheError(f"{path} is not empty and is not a Zarr store; refusing to write a cache "
+                                 "into it even with --overwrite. Choose a new or empty directory.")
+            resumable = attrs.get("format") == FORMAT and not attrs.get("complete", False)
+            if resumable and not _spec_differences(attrs, manifest):
+                return cls(path, manifest)
+            if not overwrite:
+                raise CacheError(_refusal(path, attrs, manifest, resumable))
+            shutil.rmtree(path)
+
+        group = zarr.open_group(path, mode="w")
+        group.attrs.update(manifest.to_attrs())
+        (path / STAGING_DIR).mkdir()
+        return cls(path, manifest)
+
+    # ---- phase one: staging ---------------------------------------------------------------------
+
+    @property
+    def num_staged(self) -> int:
+        """How many units are already staged (for a "resuming" log line)."""
+        return sum(self._is_staged(u) for u in range(self.num_units))
+
+    def unit_range(self, u: int) -> tuple[int, int]:
+        """Input indices [start, stop) of work unit u."""
+        self._check_unit(u)
+        start = u * self.chunk_size
+        return start, min(start + self.chunk_size, self.num_inputs)
+
+    def pending_units(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Units this rank owns (u % world_size == rank) that are not staged yet."""
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+        return [u for u in range(rank, self.num_units, world_size) if not self._is_staged(u)]
+
+    def write_unit(
+        self,
+        u: int,
+        latents: np.ndarray,
+        labels: np.ndarray,
+        keys: Sequence[str],
+        skipped: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Stage unit u atomically.
+
+        Args:
+            u: unit index.
+            latents: (n, C, H, W) float latents of the unit's readable inputs, in input order.
+            labels: (n,) integer class ids, -1 when unknown.
+            keys: n sample keys.
+            skipped: (key, reason) for each unreadable input; n + len(skipped) == unit size.
+        """
+        start, stop = self.unit_range(u)
+        stored, labels, keys, skipped = self._validated_unit(u, stop - start, latents, labels, keys, skipped)
+        stats = MomentAccumulator()
+        stats.update(stored)  # statistics of the values as stored, not as encoded
+        arrays = {
+            "latents": stored,
+            "labels": labels,
+            "keys": np.array(keys, dtype=str),
+            "skipped_keys": np.array([k for k, _ in skipped], dtype=str),
+            "skipped_reasons": np.array([r for _, r in skipped], dtype=str),
+        }
+        arrays.update({f"stats_{k}": v for k, v in stats.state_dict().items()})
+        self._staging.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._staging, prefix=f".unit_{u:06d}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._unit_file(u))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ---- phase two: assembly --------------------------------------------------------------------
+
+    def finalize(self) -> CacheManifest:
+        """Assemble the final arrays from every staged unit (rank 0 only); returns the manifest."""
+        missing = [u for u in range(self.num_units) if not self._is_staged(u)]
+        if missing:
+            raise CacheError(f"{len(missing)} of {self.num_units} units of {self.path} are not written yet "
+                             f"(first missing: {missing[:5]}); finish encoding them (rerun with the same "
+                             "arguments) before finalize")
+
+        # pass 1: sample count, statistics and skipped keys, all merged in unit order
+        stats, skipped_keys, skipped_reasons = MomentAccumulator(), [], []
+        for u in range(self.num_units):
+            with np.load(self._unit_file(u), allow_pickle=False) as part:
+                stats.merge(MomentAccumulator.from_state_dict(
+                    {k[len("stats_"):]: part[k] for k in part.files if k.startswith("stats_")}))
+                skipped_keys += part["skipped_keys"].tolist()
+                skipped_reasons += part["skipped_reasons"].tolist()
+        if stats.count == 0:
+            raise CacheError(f"all {self.num_inputs} inputs for {self.path} were skipped (first: "
+                             f"{skipped_keys[0]!r}: {skipped_reasons[0]}); nothing to cache. Check the image source.")
+
+        # pass 2: copy the samples into chunk-aligned blocks of the final arrays
+        group = zarr.open_group(self.path, mode="r+")
+        arrays = self._create_arrays(group, stats.count)
+        block_rows = self.chunk_size * _WRITE_BLOCK_CHUNKS
+        pending: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
+        buffered, written = 0, 0
+        for u in range(self.num_units):
+            with np.load(self._unit_file(u), allow_pickle=False) as part:
+                for name in arrays:
+                    pending[name].append(part[name])
+                buffered += len(part["labels"])
+            if buffered >= block_rows or u == self.num_units - 1:
+                rows = buffered if u == self.num_units - 1 else buffered - buffered % self.chunk_size
+                for name, array in arrays.items():
+                    block = np.concatenate(pending[name])
+                    array[written:written + rows] = block[:rows]
+                    pending[name] = [block[rows:]]
+                buffered, written = buffered - rows, written + rows
+        group.create_array("mean", data=stats.mean().astype(np.float32), compressors=small_compressors(),
+                           overwrite=True)
+        group.create_array("std", data=stats.std().astype(np.float32), compressors=small_compressors(),
+                           overwrite=True)
+
+        # the manifest last, and `complete` after everything else
+        manifest = CacheManifest(**{**self.manifest.__dict__, "num_samples": stats.count, "complete": False,
+                                    "skipped": {"count": len(skipped_keys), "keys": skipped_keys,
+                                                "reasons": skipped_reasons}})
+        group.attrs.update(manifest.to_attrs())
+        group.attrs["complete"] = True
+        manifest.complete = True
+        shutil.rmtree(self._staging, ignore_errors=True)
+        return manifest
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _create_arrays(self, group: zarr.Group, n: int) -> dict[str, zarr.Array]:
+        """Empty final arrays with N rows, chunked `chunk_size` rows at a time."""
+        cs, shape, dtype = self.chunk_size, tuple(self.manifest.latent_shape), self.manifest.latent_dtype
+        return {
+            "latents": group.create_array("latents", shape=(n, *shape), chunks=(cs, *shape), dtype=dtype,
+                                          compressors=latent_compressors(dtype), overwrite=True),
+            "labels": group.create_array("labels", shape=(n,), chunks=(cs,), dtype="int32",
+                                         compressors=small_compressors(), overwrite=True),
+            "keys": group.create_array("keys", shape=(n,), chunks=(cs,), dtype=str,
+                                       compressors=small_compressors(), overwrite=True),
+        }
+
+    def _unit_file(self, u: int) -> Path:
+        return self._staging / f"unit_{u:06d}.npz"
+
+    def _is_staged(self, u: int) -> bool:
+        return self._unit_file(u).is_file()
+
+    def _check_unit(self, u: int) -> None:
+        if not (isinstance(u, (int, np.integer)) and 0 <= u < self.num_units):
+            raise ValueError(f"unit {u!r} is out of range; this cache has units 0..{self.num_units - 1}")
+
+    def _validated_unit(self, u, size, latents, labels, keys, skipped):
+        """Check one unit's inputs and return them as (stored latents, int32 labels, keys, skipped)."""
+        where = f"unit {u} (inputs {u * self.chunk_size}..{u * self.chunk_size + size - 1})"
+        latents = np.asarray(latents)
+        labels = np.asarray(labels)
+        keys, skipped = list(keys), [tuple(s) for s in skipped]
+        n = len(keys)
+        if latents.shape != (n, *self.manifest.latent_shape):
+            raise ValueError(f"{where}: latents have shape {latents.shape}, expected "
+                             f"{(n, *self.manifest.latent_shape)} (one (C, H, W) latent per key)")
+        if not np.issubdtype(latents.dtype, np.floating):
+            raise ValueError(f"{where}: latents have dtype {latents.dtype}; pass floating-point latents")
+        if labels.shape != (n,) or (n and not np.issubdtype(labels.dtype, np.integer)):
+            raise ValueError(f"{where}: labels have shape {labels.shape} and dtype {labels.dtype}; "
+                             f"expected {n} integers (-1 when unknown)")
+        if n and (labels.min() < -1 or labels.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"{where}: labels range over [{labels.min()}, {labels.max()}]; class ids must be "
+                             ">= 0, or -1 when unknown, and fit int32")
+        if not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"{where}: keys must be strings")
+        if any(len(s) != 2 or not all(isinstance(x, str) for x in s) for s in skipped):
+            raise ValueError(f"{where}: skipped must be a list of (key, reason) string pairs")
+        if n + len(skipped) != size:
+            raise ValueError(f"{where}: {n} latents + {len(skipped)} skipped != {size} inputs of the unit")
+        if not np.isfinite(latents).all():
+            raise ValueError(f"{where}: latents contain NaN or infinity; the encoder output is broken")
+        with np.errstate(over="ignore"):  # overflow to inf is reported just below
+            stored = latents.astype(self.manifest.latent_dtype)
+        if not np.isfinite(stored).all():
+            raise ValueError(f"{where}: latents reach {np.abs(latents).max():.4g}, beyond the float16 range; "
+                             "use latent_dtype='float32' (encode.latent_dtype=float32)")
+        return stored, labels.astype(np.int32), keys, skipped
+
+
+def _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe, chunk_size,
+                        latent_dtype) -> CacheManifest:
+    """Check `CacheWriter.open`'s arguments; ValueError names the value and the fix."""
+    if isinstance(num_inputs, bool) or not isinstance(num_inputs, (int, np.integer)) or num_inputs < 1:
+        raise ValueError(f"num_inputs={num_inputs!r}: need at least one input to cache; check the image source")
+    shape = tuple(latent_shape) if isinstance(latent_shape, (tuple, list)) else None
+    if shape is None or len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
+        raise ValueError(f"latent_shape={latent_shape!r}: expected three positive ints (C, H, W)")
+    if not isinstance(split, str) or not _SPLIT_NAME.match(split):
+        raise ValueError(f"split={split!r}: use a plain name such as 'train' or 'val' (letters, digits, _ . -)")
+    if not isinstance(vae_identity, dict) or not {"source", "class", "weights_sha256"} <= set(vae_identity):
+        raise ValueError(f"vae_identity={vae_identity!r}: expected a dict with 'source', 'class' and "
+                         "'weights_sha256' (FrozenVAE.identity)")
+    if not isinstance(image_recipe, dict):
+        raise ValueError(f"image_recipe={image_recipe!r}: expected a dict (pipeline.images.recipe(resolution))")
+    for name, value in (("vae_identity", vae_identity), ("image_recipe", image_recipe)):
+        try:
+            json.dumps(value)
+        except TypeError as err:
+            raise ValueError(f"{name}={value!r} must hold only JSON values (str, number, bool, None, "
+                             f"list, dict): {err}") from None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: expected a positive int (256 is a good default)")
+    if latent_dtype not in LATENT_DTYPES:
+        raise ValueError(f"latent_dtype={latent_dtype!r}: expected one of {LATENT_DTYPES}")
+    return CacheManifest(split=split, num_samples=0, latent_shape=tuple(int(s) for s in shape),
+                         latent_dtype=latent_dtype, vae=dict(vae_identity), image=dict(image_recipe),
+                         chunk_size=int(chunk_size), num_inputs=int(num_inputs))
+
+
+def _read_attrs(path: Path) -> dict[str, Any] | None:
+    """The group attributes of a Zarr store at path, or None when there is none."""
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        return dict(json.loads(meta.read_text()).get("attributes", {}))
+    except (OSError, ValueError):
+        return {}
+
+
+def _spec_differences(attrs: dict[str, Any], manifest: CacheManifest) -> list[str]:
+    """Spec fields whose stored value differs from the requested one, as 'name: stored -> requested'."""
+    wanted = json.loads(json.dumps(manifest.to_attrs()))
+    return [f"{name}: {attrs.get(name)!r} -> {wanted[name]!r}" for name in _SPEC_FIELDS
+            if attrs.get(name) != wanted[name]]
+
+
+def _require_same_spec(path: Path, attrs: dict[str, Any], manifest: CacheManifest) -> None:
+    diffs = _spec_differences(attrs, manifest)
+    if diffs:
+        raise CacheError(f"the unfinished cache at {path} was started with other settings ({'; '.join(diffs)}); "
+                         "every rank must pass the same arguments")
+
+
+def _refusal(path: Path, attrs: dict[str, Any], manifest: CacheManifest, resumable: bool) -> str:
+    """Why an existing store cannot be reused, and what to do."""
+    if resumable:
+        diffs = "; ".join(_spec_differences(attrs, manifest))
+        return (f"{path} holds an unfinished cache started with other settings ({diffs}); rerun with the "
+                "original settings to resume it, or pass --overwrite to discard it")
+    if attrs.get("format") == FORMAT:
+        return (f"{path} already holds a complete {attrs.get('split')!r} cache of {attrs.get('num_samples')} "
+                "latents; pass --overwrite to replace it, or choose another output path")
+    return f"{path} holds a Zarr store that is not a latent cache; pass --overwrite to replace it"

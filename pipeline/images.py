@@ -1,0 +1,106 @@
+"""Image decoding and the preprocessing recipe every stage shares.
+
+The recipe follows the reference evaluation protocol: shorter side resized to R with an
+antialiased bilinear filter, centre crop R x R, values scaled to [-1, 1]. Decoding turns every
+Pillow mode into 8-bit RGB: transparent images are composited on white, 16-bit images are
+scaled (not clipped) to 8 bits. EXIF orientation is not applied, like the reference loader.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I" is read as 16-bit data, as 16-bit PNGs were
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+class ImageDecodeError(ValueError):
+    """An input that cannot be decoded into an image; names the sample key and the reason."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"cannot decode image {key!r}: {reason}")
+        self.key = key
+        self.reason = reason
+
+    def __reduce__(self):  # keep it picklable across DataLoader workers
+        return type(self), (self.key, self.reason)
+
+
+def decode_image(data: bytes, key: str) -> Image.Image:
+    """Decode encoded image bytes into an 8-bit RGB Pillow image.
+
+    Args:
+        data: the file's bytes (JPEG, PNG, WebP, ...).
+        key: the sample key, used in the error message.
+
+    Raises:
+        ImageDecodeError: empty, truncated or not an image.
+    """
+    if not data:
+        raise ImageDecodeError(key, "empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decode now, so a truncated file fails here and not later in a worker
+        return _to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
+        raise ImageDecodeError(key, f"{type(error).__name__}: {error}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(img).astype(np.float64)  # (H, W); I;16B arrives big-endian and is converted here
+        eight_bit = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255 exactly
+        return Image.fromarray(eight_bit, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, F
+
+
+def preprocess(img: Image.Image, resolution: int) -> torch.Tensor:
+    """Shorter side -> R (bilinear, antialiased), centre crop R x R, to float32 (3, R, R) in [-1, 1]."""
+    if img.mode != "RGB":
+        img = _to_rgb(img)
+    width, height = img.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(resolution * long / short)  # truncation, as the reference resize computes it
+    size = (resolution, new_long) if width <= height else (new_long, resolution)
+    if size != img.size:
+        # Pillow's BILINEAR widens its kernel when downscaling, i.e. it is antialiased
+        img = img.resize(size, Image.BILINEAR, reducing_gap=None)
+    top = int(round((size[1] - resolution) / 2.0))
+    left = int(round((size[0] - resolution) / 2.0))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (R, R, 3)
+    unit = pixels.permute(2, 0, 1).to(torch.float32) / 255.0  # (3, R, R) in [0, 1]
+    return (unit - 0.5) / 0.5
+
+
+def recipe(resolution: int) -> dict:
+    """The preprocessing recipe recorded in every cache and evaluation report."""
+    return {
+        "resolution": int(resolution),
+        "resize": "shorter-side bilinear antialias",
+        "crop": "center",
+        "value_range": [-1, 1],
+    }
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, R, R) floats in [-1, 1] -> uint8 on the 8-bit grid (clamped), as every metric sees them."""
+    unit = ((images.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return torch.round(unit * 255.0).to(torch.uint8)

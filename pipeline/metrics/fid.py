@@ -1,0 +1,246 @@
+"""Frechet distance and Inception Score from accumulated, mergeable statistics.
+
+Features are never stored: each set keeps float64 sums (count, sum, sum of outer products), so a
+50,000-image evaluation needs O(D^2) memory and ranks combine by summing tensors. The feature
+network is any module mapping uint8 images (B, 3, H, W) to an `InceptionOutput` (or a plain
+(B, D) feature tensor when no Inception Score is wanted); tests use a tiny stand-in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .inception import FEATURE_DIM, NUM_CLASSES, InceptionOutput
+
+
+class FeatureStats:
+    """Running float64 count, sum and sum of outer products of D-dimensional features.
+
+    Args:
+        dim: feature dimension D.
+        device: where the sums live (the feature network's device avoids copies).
+    """
+
+    def __init__(self, dim: int, device: str | torch.device = "cpu"):
+        self.dim = dim
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)  # (D,)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # (D, D)
+
+    def update(self, features: torch.Tensor) -> None:
+        """Add a batch of features (N, D)."""
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise ValueError(f"expected features (N, {self.dim}), got {tuple(features.shape)}")
+        f = features.to(self.sum.device, torch.float64)
+        self.count += f.shape[0]
+        self.sum += f.sum(dim=0)
+        self.outer += f.T @ f
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The state, in a fixed order; summing each tensor across ranks merges the ranks."""
+        return [self.count, self.sum, self.outer]
+
+    def merge(self, other: "FeatureStats") -> None:
+        """Add another accumulator's state into this one."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge feature stats of dim {other.dim} into dim {self.dim}")
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine += theirs.to(mine.device)
+
+    def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (D,) and unbiased covariance (D, D), float64, as numpy's np.cov(rowvar=False)."""
+        n = int(self.count)
+        if n < 2:
+            raise ValueError(f"need at least 2 feature vectors for a covariance, have {n}")
+        mean = self.sum.cpu().numpy() / n
+        outer = self.outer.cpu().numpy()
+        cov = (outer - n * np.outer(mean, mean)) / (n - 1)
+        return mean, (cov + cov.T) / 2
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a symmetric positive semi-definite matrix (negative eigenvalues -> 0)."""
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """|mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2), in float64.
+
+    S1 S2 is similar to (R1 R2)(R1 R2)^T with R = sqrt(S) symmetric, so tr sqrt(S1 S2) is the sum
+    of the singular values of R1 R2. Unlike scipy's sqrtm this needs no offset for the singular
+    covariances of small sets, never returns complex values, and avoids taking square roots of
+    rounding noise in the (near-)null space.
+    """
+    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
+        raise ValueError(
+            f"shape mismatch: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}"
+        )
+    trace_sqrt = np.linalg.svd(_psd_sqrt(sigma1) @ _psd_sqrt(sigma2), compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+
+
+def fid_from_stats(real: FeatureStats, fake: FeatureStats) -> float:
+    """Frechet distance between two accumulated feature sets."""
+    return frechet_distance(*real.mean_and_covariance(), *fake.mean_and_covariance())
+
+
+class InceptionScoreStats:
+    """Per-split sums for the Inception Score, exp(E_x KL(p(y|x) || p(y))).
+
+    Image i goes to split `i % splits` (i: its index in the evaluated set, or the arrival order),
+    so ranks can sum their states. Per split we keep the count, the sum of p(y|x) and the sum of
+    sum_y p log p; the mean KL of a split is then mean(sum_y p log p) - sum_y pbar log pbar, exact.
+    The reference implementations split a (shuffled) list into `splits` contiguous chunks; with
+    the usual 10 splits both assignments give random tenths of the set.
+
+    Args:
+        num_classes: number of logits per image (1008 for the FID Inception).
+        splits: number of splits; the score is the mean over splits, its std the spread (10 is standard).
+        device: where the sums live.
+    """
+
+    def __init__(self, num_classes: int, splits: int = 10, device: str | torch.device = "cpu"):
+        self.num_classes = num_classes
+        self.splits = splits
+        self.count = torch.zeros(splits, dtype=torch.int64, device=device)
+        self.prob_sum = torch.zeros(splits, num_classes, dtype=torch.float64, device=device)  # (S, C)
+        self.plogp_sum = torch.zeros(splits, dtype=torch.float64, device=device)  # (S,)
+        self._seen = 0
+
+    def update(self, logits: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        """Add logits (N, C); `indices` (N,) are the images' positions in the set (default: arrival order)."""
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"expected logits (N, {self.num_classes}), got {tuple(logits.shape)}")
+        device = self.count.device
+        n = logits.shape[0]
+        if indices is None:
+            indices = torch.arange(self._seen, self._seen + n)
+        self._seen += n
+        split = indices.to(device, torch.int64) % self.splits  # (N,)
+        probs = torch.softmax(logits.to(device, torch.float64), dim=1)  # (N, C)
+        self.count.index_add_(0, split, torch.ones_like(split))
+        self.prob_sum.index_add_(0, split, probs)
+        self.plogp_sum.index_add_(0, split, torch.xlogy(probs, probs).sum(dim=1))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The state, in a fixed order; summing each tensor across ranks merges the ranks."""
+        return [self.count, self.prob_sum, self.plogp_sum]
+
+    def merge(self, other: "InceptionScoreStats") -> None:
+        """Add another accumulator's state into this one."""
+        if (other.num_classes, other.splits) != (self.num_classes, self.splits):
+            raise ValueError("cannot merge Inception Score stats with different classes or splits")
+        for mine, theirs in zip(self.tensors(), other.tensors()):
+            mine += theirs.to(mine.device)
+
+    def compute(self) -> tuple[float, float]:
+        """(mean, std) of exp(mean KL) over the splits (std with ddof=0, as the original code)."""
+        count = self.count.cpu().double()
+        if bool((count == 0).any()):
+            raise ValueError(f"Inception Score needs at least {self.splits} images (one per split), "
+                             f"split counts are {self.count.tolist()}")
+        marginal = self.prob_sum.cpu() / count[:, None]  # (S, C)
+        mean_kl = self.plogp_sum.cpu() / count - torch.xlogy(marginal, marginal).sum(dim=1)
+        scores = torch.exp(mean_kl)
+        return float(scores.mean()), float(scores.std(correction=0))
+
+
+@dataclass
+class FidResult:
+    fid: float
+    inception_score: float | None  # of the fake images; None when the feature net gives no logits
+    inception_score_std: float | None
+    num_real: int
+    num_fake: int
+
+
+class FidEvaluator:
+    """Accumulates real and fake features (and the fake images' Inception Score) batch by batch.
+
+    Args:
+        feature_net: module mapping uint8 images (B, 3, H, W) to an `InceptionOutput`
+            (or a (B, D) tensor: then no Inception Score).
+        feature_dim: D (2048 for the FID Inception).
+        num_classes: logits per image for the Inception Score, or None to skip it.
+        splits: Inception Score splits (10 is standard).
+        device: where the statistics live; defaults to the feature net's device.
+    """
+
+    def __init__(
+        self,
+        feature_net: nn.Module,
+        *,
+        feature_dim: int = FEATURE_DIM,
+        num_classes: int | None = NUM_CLASSES,
+        splits: int = 10,
+        device: str | torch.device | None = None,
+    ):
+        if device is None:
+            first = next(feature_net.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.feature_net = feature_net.eval()
+        self.real = FeatureStats(feature_dim, device)
+        self.fake = FeatureStats(feature_dim, device)
+        self.inception_score = InceptionScoreStats(num_classes, splits, device) if num_classes else None
+
+    @torch.no_grad()
+    def _extract(self, images: torch.Tensor) -> InceptionOutput:
+        out = self.feature_net(images)
+        return out if isinstance(out, InceptionOutput) else InceptionOutput(features=out, logits=None)
+
+    def update_real(self, images: torch.Tensor) -> None:
+        """Add reference images, uint8 (B, 3, H, W)."""
+        self.real.update(self._extract(images).features)
+
+    def update_fake(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        """Add generated/reconstructed images, uint8 (B, 3, H, W); `indices` place them in IS splits."""
+        out = self._extract(images)
+        self.fake.update(out.features)
+        if self.inception_score is not None:
+            if out.logits is None:
+                raise ValueError("the feature network returned no logits; pass num_classes=None to skip IS")
+            self.inception_score.update(out.logits, indices)
+
+    def update(self, real: torch.Tensor, fake: torch.Tensor, indices: torch.Tensor | None = None) -> None:
+        """Add a batch of reference images and their reconstructions."""
+        self.update_real(real)
+        self.update_fake(fake, indices)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """All state tensors in a fixed order: all-reduce (sum) each of them to merge ranks."""
+        tensors = self.real.tensors() + self.fake.tensors()
+        return tensors + (self.inception_score.tensors() if self.inception_score is not None else [])
+
+    def all_reduce_(self, reduce_sum_: Callable[[torch.Tensor], object]) -> None:
+        """Sum the state over ranks in place, e.g. `evaluator.all_reduce_(ctx.all_reduce_sum_)`."""
+        for tensor in self.tensors():
+            reduce_sum_(tensor)
+
+    def merge(self, other: "FidEvaluator") -> None:
+        """Add another evaluator's state (same feature net kind) into this one."""
+        if (self.inception_score is None) != (other.inception_score is None):
+            raise ValueError("cannot merge an evaluator with Inception Score stats into one without")
+        self.real.merge(other.real)
+        self.fake.merge(other.fake)
+        if self.inception_score is not None:
+            self.inception_score.merge(other.inception_score)
+
+    def compute(self) -> FidResult:
+        """FID between the real and fake sets, and the fake set's Inception Score."""
+        score, spread = self.inception_score.compute() if self.inception_score is not None else (None, None)
+        return FidResult(
+            fid=fid_from_stats(self.real, self.fake),
+            inception_score=score,
+            inception_score_std=spread,
+            num_real=int(self.real.count),
+            num_fake=int(self.fake.count),
+        )

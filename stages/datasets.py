@@ -1,0 +1,193 @@
+"""Image datasets with a deterministic order and random access by index.
+
+`open_image_dataset(path)` accepts:
+
+- an ImageFolder tree: ROOT/<class>/.../<file>.png, class ids = sorted class folder names
+  (hidden folders ignored), files sorted by relative path, key = relative path ("cat/001.png");
+- a flat folder of images (no class folders): labels -1, key = file name;
+- a single .tar shard, a folder holding .tar shards, a glob ("shards/train-*.tar") or a
+  webdataset brace pattern ("shards/train-{000000..000003}.tar"): shards in sorted order (brace
+  patterns in their expansion order), samples in member order, grouped by webdataset key (the
+  member path up to the first dot of its file name). A sample's image is its jpg/jpeg/png/webp
+  member, its label the integer in an optional `cls` member (else -1), its key the tar key.
+  Samples without an image member (e.g. metadata only) are not part of the dataset.
+
+Every rank and DataLoader worker reads arbitrary indices, so tar shards are indexed once
+(member offsets via `tarfile`) and `read_bytes(i)` seeks straight to the member.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext
+
+from pipeline.images import IMAGE_EXTENSIONS
+
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample holds several
+TAR_LABEL_EXTENSION = "cls"
+
+
+class ImageDataset:
+    """Encoded images by index: `len`, `key(i)`, `label(i)`, `read_bytes(i)`."""
+
+    def __init__(self, source: str, keys: list[str], labels: np.ndarray, classes: list[str] | None = None):
+        self.source = source
+        self.classes = classes  # class folder names of an ImageFolder tree, else None
+        self._keys = keys
+        self._labels = labels  # (N,) int64, -1 when unknown
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def key(self, i: int) -> str:
+        return self._keys[i]
+
+    def label(self, i: int) -> int:
+        return int(self._labels[i])
+
+    def read_bytes(self, i: int) -> bytes:
+        raise NotImplementedError
+
+
+class FolderImageDataset(ImageDataset):
+    """Image files below a root folder."""
+
+    def __init__(self, root: Path, relative_paths: list[str], labels: np.ndarray, classes: list[str] | None):
+        super().__init__(str(root), relative_paths, labels, classes)
+        self.root = root
+
+    def read_bytes(self, i: int) -> bytes:
+        return (self.root / self._keys[i]).read_bytes()
+
+
+class TarImageDataset(ImageDataset):
+    """Samples of uncompressed tar shards, read by seeking to the indexed member."""
+
+    def __init__(self, source: str, shards: list[str], keys: list[str], labels: np.ndarray,
+                 locations: np.ndarray):
+        super().__init__(source, keys, labels)
+        self.shards = shards
+        self._locations = locations  # (N, 3) int64: shard index, data offset, size
+
+    def read_bytes(self, i: int) -> bytes:
+        shard, offset, size = (int(v) for v in self._locations[i])
+        with open(self.shards[shard], "rb") as f:  # opened per read: safe in forked workers, cheap next to decoding
+            f.seek(offset)
+            return f.read(size)
+
+
+def open_image_dataset(path: str | os.PathLike) -> ImageDataset:
+    """Open an ImageFolder tree, a flat image folder, a .tar shard, a folder of shards, a glob or a brace pattern."""
+    text = str(path)
+    if "{" in text and "}" in text:
+        shards = list(braceexpand(text))
+        missing = [s for s in shards if not Path(s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {len(shards)} shards of {text} do not exist "
+                                    f"(first: {missing[0]}); fix --images")
+        return _open_tar_shards(text, shards)
+    if any(c in text for c in "*?["):
+        shards = sorted(glob.glob(text))
+        if not shards:
+            raise FileNotFoundError(f"no file matches the pattern {text}; fix --images")
+        return _open_tar_shards(text, shards)
+    root = Path(text).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"image source {text} does not exist; pass --images with an ImageFolder tree, "
+                                "a .tar shard, a folder of shards, a glob or a brace pattern")
+    if root.is_file():
+        return _open_tar_shards(text, [text])
+    shards = sorted(str(p) for p in root.iterdir() if p.is_file() and p.suffix == ".tar")
+    if shards:
+        return _open_tar_shards(text, shards)
+    return _open_image_folder(root)
+
+
+# --- image folders --------------------------------------------------------------------------
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _open_image_folder(root: Path) -> FolderImageDataset:
+    """Class subfolders -> ImageFolder labels; no subfolders -> a flat folder with labels -1."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    top_level = sorted(p.name for p in root.iterdir() if p.is_file() and _is_image(p.name))
+    if classes and top_level:
+        raise ValueError(f"{root} holds both image files ({top_level[0]}, ...) and class folders ({classes[0]}, ...); "
+                         "move the loose images into a class folder, or point --images at a folder of one kind")
+    if not classes:
+        paths, labels = top_level, [-1] * len(top_level)
+    else:
+        entries = []
+        for label, name in enumerate(classes):
+            for directory, subdirs, files in os.walk(root / name, followlinks=True):
+                subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+                rel_dir = Path(directory).relative_to(root).as_posix()
+                entries += [(f"{rel_dir}/{f}", label) for f in files if _is_image(f)]
+        entries.sort()
+        paths, labels = [p for p, _ in entries], [label for _, label in entries]
+    if not paths:
+        raise ValueError(f"{root} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}); "
+                         "point --images at an ImageFolder tree or .tar shards")
+    return FolderImageDataset(root, paths, np.asarray(labels, dtype=np.int64), classes or None)
+
+
+# --- tar shards -----------------------------------------------------------------------------
+
+
+def _open_tar_shards(source: str, shards: list[str]) -> TarImageDataset:
+    keys, labels, locations = [], [], []
+    for shard_index, shard in enumerate(shards):
+        for key, image, label in _index_shard(shard):
+            keys.append(key)
+            labels.append(label)
+            locations.append((shard_index, *image))
+    if not keys:
+        raise ValueError(f"{source} holds no image samples (tar members ending in "
+                         f".{', .'.join(TAR_IMAGE_EXTENSIONS)}); check --images")
+    return TarImageDataset(source, shards, keys, np.asarray(labels, dtype=np.int64),
+                           np.asarray(locations, dtype=np.int64).reshape(-1, 3))
+
+
+def _index_shard(shard: str) -> list[tuple[str, tuple[int, int], int]]:
+    """(key, (data offset, size) of the image member, label) for each sample of one shard, in member order."""
+    samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+    try:
+        with tarfile.open(shard, mode="r:") as tar:  # "r:" = uncompressed only: compressed tars cannot seek
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = base_plus_ext(member.name)
+                if key is None:
+                    continue
+                if not samples or samples[-1][0] != key:  # consecutive members of one key form a sample
+                    samples.append((key, {}))
+                samples[-1][1][ext.lower()] = member
+            labels = [_read_label(tar, members[TAR_LABEL_EXTENSION], shard, key)
+                      if TAR_LABEL_EXTENSION in members else -1 for key, members in samples]
+    except (tarfile.TarError, OSError) as error:
+        raise ValueError(f"cannot read the tar shard {shard} ({error}); "
+                         "shards must be uncompressed .tar files") from None
+    index = []
+    for (key, members), label in zip(samples, labels):
+        ext = next((e for e in TAR_IMAGE_EXTENSIONS if e in members), None)
+        if ext is not None:
+            index.append((key, (members[ext].offset_data, members[ext].size), label))
+    return index
+
+
+def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: str, key: str) -> int:
+    text = tar.extractfile(member).read().decode("utf-8", errors="replace").strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"sample {key!r} of {shard} has a cls member {text[:40]!r} that is not an integer "
+                         "class id; fix the shard or drop its cls members") from None

@@ -1,0 +1,166 @@
+"""How much latent noise does the frozen decoder tolerate, and where does the tokenizer sit on that curve?
+
+For the first tolerance.limit images: clean latent z, clean reconstruction x0 = decode(z). For each
+sigma in tolerance.sigmas: z' = normalize(z) + N(0, sigma^2) in the standardized space, decoded after
+de-standardizing, and compared with x0 (both 8-bit): PSNR, SSIM (and rFID / LPIPS when their weights
+are given). The tokenizer's quantized-only and rectified latents go on the same axes at their
+effective sigma, the RMS of their error in the standardized space. The noise is one seeded draw
+(train.seed) shared by every sigma, so the curve is smooth and the numbers reproducible.
+Writes RUN/tolerance.json and RUN/tolerance.png (resolved config: RUN/tolerance.config.yaml).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from pipeline.images import to_uint8
+from stages.config import RevqConfig, save_config
+from stages.console import log, progress
+from stages.datasets import open_image_dataset
+from stages.distributed import DistContext, init_distributed, shutdown_distributed
+from stages.eval_common import (add_latent_errors, image_batches, load_matching_vae, load_tokenizer, rank_batches,
+                                reconstruct, resolution_of, tokenizer_identity)
+from stages.eval_metrics import FID_BACKEND, ReconstructionMetrics, load_metric_networks
+
+TOKENIZER_POINTS = ("quantized", "rectified")
+TOLERANCE_METRICS = ("psnr", "ssim", "rfid", "lpips")
+
+
+def run_tolerance(cfg: RevqConfig, *, run: str, images: str) -> Path:
+    """Measure the decoder's latent-noise tolerance with the tokenizer on the curve; returns RUN/tolerance.json."""
+    owns_process_group = not (dist.is_available() and dist.is_initialized())
+    ctx = init_distributed(cfg.vae.device)
+    try:
+        return _tolerance(cfg, Path(run), images, ctx)
+    finally:
+        if owns_process_group:
+            shutdown_distributed(ctx)
+
+
+def _label(sigma: float) -> str:
+    return f"sigma={sigma:g}"
+
+
+def _tolerance(cfg: RevqConfig, run: Path, images: str, ctx: DistContext) -> Path:
+    start = time.perf_counter()
+    sigmas = [float(s) for s in cfg.tolerance.sigmas]
+    if not sigmas or min(sigmas) < 0:
+        raise ValueError(f"tolerance.sigmas={sigmas} must be a non-empty list of non-negative numbers")
+    # --- setup: tokenizer, VAE, data, noise ---------------------------------------------------------
+    tokenizer = load_tokenizer(run, ctx.device)
+    if ctx.is_main:
+        save_config(cfg, run / "tolerance.config.yaml")
+    vae = load_matching_vae(cfg, tokenizer, ctx.device)
+    resolution = resolution_of(tokenizer, cfg)
+    dataset = open_image_dataset(images)
+    num_inputs = len(dataset) if cfg.tolerance.limit <= 0 else min(cfg.tolerance.limit, len(dataset))
+    nets = load_metric_networks(cfg.eval.fid_weights, cfg.eval.lpips_weights, ctx.device)
+    # one draw for all sigmas and ranks: row i belongs to image i whatever the world size
+    noise = torch.randn((num_inputs, *tokenizer.latent_shape), generator=torch.Generator().manual_seed(cfg.train.seed))
+    log(f"tolerance: {num_inputs} images from {images}, sigmas {sigmas}")
+
+    # --- loop: clean, noisy and tokenizer reconstructions vs the clean one ------------------------------
+    sources = [_label(s) for s in sigmas] + list(TOKENIZER_POINTS)
+    metrics = ReconstructionMetrics(sources, nets, ctx.device)
+    errors = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # values, quantized SSE, rectified SSE
+    batches = rank_batches(num_inputs, cfg.eval.batch_size, ctx)
+    with progress(sum(map(len, batches)), "tolerance", enabled=ctx.is_main) as bar:
+        for batch in image_batches(dataset, batches, resolution, cfg.encode.num_workers, ctx.device):
+            if batch.images is not None:
+                with torch.no_grad():
+                    rec = reconstruct(tokenizer, vae, batch.images)  # clean x0 = rec.vae, rectified = rec.tokenizer
+                    tokens, eps = rec.tokens, noise[batch.indices].to(ctx.device)
+                    decoded = {_label(s): to_uint8(vae.decode(tokenizer.normalizer.denormalize(tokens.clean + s * eps)))
+                               for s in sigmas}
+                    decoded["quantized"] = to_uint8(vae.decode(tokenizer.normalizer.denormalize(tokens.quantized)))
+                    decoded["rectified"] = rec.tokenizer
+                metrics.update(rec.vae, decoded, torch.tensor(batch.indices))
+                add_latent_errors(errors, tokens)
+            bar.advance(len(batch.indices) + len(batch.skipped))
+
+    # --- finish: merge ranks, JSON, figure -----------------------------------------------------------
+    metrics.all_reduce_(ctx)
+    ctx.all_reduce_sum_(errors)
+    report = _report(metrics, errors, sigmas, nets, tokenizer, vae, run, num_inputs, cfg.train.seed)
+    report["elapsed_s"] = round(time.perf_counter() - start, 3)
+    path = run / "tolerance.json"
+    if ctx.is_main:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+        figure = plot_tolerance(report, run / "tolerance.png")
+        log(f"tolerance written to {path} and {figure}")
+    return path
+
+
+def _report(metrics, errors, sigmas, nets, tokenizer, vae, run, num_inputs, seed) -> dict:
+    values, quantized_sse, rectified_sse = errors.tolist()
+    effective = {"quantized": math.sqrt(quantized_sse / values) if values else None,
+                 "rectified": math.sqrt(rectified_sse / values) if values else None}
+    curve, points, missing = [], {}, {}
+    for label, sigma in [(_label(s), s) for s in sigmas] + [(name, None) for name in TOKENIZER_POINTS]:
+        result, why = metrics.result(label)
+        values = {k: result[k] for k in TOLERANCE_METRICS}
+        if sigma is None:
+            points[label] = {"sigma_effective": effective[label], **values}
+        else:
+            curve.append({"sigma": sigma, **values})
+        for metric, reason in why.items():  # a missing network is said once, other reasons per point
+            if metric in TOLERANCE_METRICS:
+                missing[metric if reason in nets.missing.values() else f"{label}.{metric}"] = reason
+    return {
+        "num_images": int(metrics.sums[_label(sigmas[0])][0]),
+        "curve": curve,
+        "tokenizer_points": points,
+        "missing": missing,
+        "protocol": {
+            "reference": "the clean VAE reconstruction decode(z), 8-bit",
+            "noise": f"N(0, sigma^2) per element of the standardized latent (z - mean) / std, one draw (seed {seed}) "
+                     "shared by all sigmas, de-standardized before decoding",
+            "sigma_effective": "RMS of the tokenizer latent's error vs the clean latent, in the standardized space",
+            "rounding": "clamp [0,1], round to 8 bit",
+            "psnr": "RGB PSNR (peak 255) against the clean reconstruction",
+            "ssim": "BT.601 luma, 11x11 Gaussian window, sigma 1.5",
+            "fid_backend": FID_BACKEND, "fid_weights_sha256": nets.fid_sha256,
+            "fid_reference": "clean VAE reconstructions of the same images",
+            "image": tokenizer.image_recipe,
+            "num_images_requested": num_inputs,
+        },
+        "tokenizer": tokenizer_identity(run),
+        "vae": vae.identity,
+    }
+
+
+def plot_tolerance(report: dict, path: Path) -> Path:
+    """PSNR and SSIM vs sigma, with the tokenizer's quantized and rectified latents marked."""
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)  # the Agg canvas: no display, no global pyplot state
+    axes = fig.subplots(1, 2)
+    for ax, metric, unit in ((axes[0], "psnr", "PSNR vs clean reconstruction (dB)"), (axes[1], "ssim", "SSIM")):
+        curve = [(p["sigma"], p[metric]) for p in report["curve"] if p[metric] is not None]
+        if curve:
+            ax.plot(*zip(*curve), "o-", color="tab:blue", label="Gaussian latent noise")
+        for name, marker, color in (("quantized", "s", "tab:red"), ("rectified", "*", "tab:green")):
+            point = report["tokenizer_points"][name]
+            if point["sigma_effective"] is not None and point[metric] is not None:
+                ax.plot(point["sigma_effective"], point[metric], marker, color=color, markersize=10,
+                        label=f"tokenizer {name} (sigma {point['sigma_effective']:.3f})")
+        ax.set_xlabel("sigma (standardized latent units)")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Decoder tolerance to latent noise ({report['num_images']} images)")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    return path

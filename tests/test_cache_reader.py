@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+import zarr
+
+from cache.reader import LatentCache, cache_info
+from cache.schema import CacheError
+from helpers_cache import SHAPE, build_store, make_inputs, open_writer, write_units
+
+N = 49  # 42 samples after skipping: 9 chunks of 5 rows, the last one short
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reader") / "s.zarr"
+    build_store(path, N)
+    return path
+
+
+def epoch_rows(cache, **kwargs):
+    """Every batch of one epoch as rows of the stored array, matched back to storage indices."""
+    stored = cache.load_latents().float().reshape(cache.num_samples, -1)
+    batches = list(cache.iter_batches(**kwargs))
+    rows = []
+    for b in batches:
+        assert b.dtype == torch.float32 and tuple(b.shape[1:]) == SHAPE
+        match = (b.reshape(len(b), 1, -1) == stored.unsqueeze(0)).all(-1)  # (B, N)
+        assert (match.sum(1) == 1).all()
+        rows += match.float().argmax(1).tolist()
+    return [len(b) for b in batches], rows
+
+
+def test_iter_batches_covers_every_sample_once_and_is_deterministic(store):
+    cache = LatentCache.open(store)
+    sizes, rows = epoch_rows(cache, batch_size=8, seed=3, epoch=0, window_chunks=3)
+    assert sorted(rows) == list(range(cache.num_samples)) and sizes == [8] * 5 + [2]
+    assert rows != sorted(rows)
+    assert epoch_rows(cache, batch_size=8, seed=3, epoch=0, window_chunks=3)[1] == rows
+    assert epoch_rows(cache, batch_size=8, seed=3, epoch=1, window_chunks=3)[1] != rows
+    assert epoch_rows(cache, batch_size=8, seed=3, epoch=0, shuffle=False)[1] == list(range(cache.num_samples))
+    assert epoch_rows(cache, batch_size=8, seed=3, epoch=0, drop_last=True)[0] == [8] * 5
+
+
+def test_iter_batches_shards_across_ranks(store):
+    cache = LatentCache.open(store)
+    parts = [epoch_rows(cache, batch_size=4, seed=0, epoch=2, rank=r, world_size=3)[1] for r in range(3)]
+    assert sorted(sum(parts, [])) == list(range(cache.num_samples))
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="rank"):
+        next(cache.iter_batches(4, seed=0, epoch=0, rank=3, world_size=3))
+
+
+def test_incomplete_cache_refused_with_resume_hint(tmp_path):
+    writer = open_writer(tmp_path / "s.zarr", N)
+    write_units(writer, make_inputs(N), [0, 1])
+    with pytest.raises(CacheError, match="incomplete.*rerun `revq-pipe encode` with the same arguments"):
+        LatentCache.open(tmp_path / "s.zarr")
+    info = cache_info(tmp_path / "s.zarr")
+    assert info["complete"] is False and info["units_staged"] == 2 and info["units_total"] == 10
+
+
+def test_missing_and_foreign_stores_refused(tmp_path):
+    with pytest.raises(CacheError, match="no latent cache at .*revq-pipe encode"):
+        LatentCache.open(tmp_path / "nothing.zarr")
+    zarr.open_group(tmp_path / "other.zarr", mode="w").attrs["format"] = "something-else"
+    with pytest.raises(CacheError, match="not a latent cache"):
+        LatentCache.open(tmp_path / "other.zarr")
+
+
+def test_future_format_version_refused(tmp_path):
+    build_store(tmp_path / "s.zarr", 6)
+    zarr.open_group(tmp_path / "s.zarr", mode="r+").attrs["format_version"] = 99
+    with pytest.raises(CacheError, match="format version 99"):
+        LatentCache.open(tmp_path / "s.zarr")
+
+
+def test_check_compatible(tmp_path, store):
+    cache = LatentCache.open(store)
+    cache.check_compatible(cache)
+    build_store(tmp_path / "kl.zarr", 6, vae_identity={"source": "x", "class": "AutoencoderKL", "weights_sha256": "1"})
+    with pytest.raises(CacheError, match="re-encode one of them"):
+        cache.check_compatible(LatentCache.open(tmp_path / "kl.zarr"))
+    build_store(tmp_path / "big.zarr", 6, latent_shape=(4, 2, 4))
+    with pytest.raises(CacheError, match="shape"):
+        cache.check_compatible(LatentCache.open(tmp_path / "big.zarr"))
+
+
+def test_cache_info_summarises(store):
+    info = cache_info(store)
+    json.dumps(info)
+    cache = LatentCache.open(store)
+    assert info["complete"] is True and info["num_samples"] == cache.num_samples
+    assert info["storage"]["num_chunks"] == 9 and info["storage"]["chunk_shape"] == [5, *SHAPE]
+    assert info["statistics"]["min_std"] == pytest.approx(float(cache.std.min()))
+    assert info["labels"]["unknown"] == int((cache.labels() < 0).sum())
+    assert info["bytes_on_disk"] > info["storage"]["latent_bytes_on_disk"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_latents_onto_gpu(store):
+    cache = LatentCache.open(store)
+    on_gpu = cache.load_latents("cuda")
+    assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), cache.load_latents())

@@ -1,0 +1,141 @@
+"""`revq-pipe eval`: the report contract, null metrics with reasons, FID plumbing, latent-level evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from helpers_eval import (CODEBOOK_SIZE, NUM_GOOD_IMAGES, NUM_TOKENS, RESOLUTION, StandInInception, make_config,
+                          make_eval_setup)
+from helpers_vae import make_tiny_vae
+from pipeline.metrics import LPIPS, frechet_distance
+from pipeline.tokenizer import RevqTokenizer
+from pipeline.vae import FrozenVAE
+from stages import eval_metrics
+from stages.datasets import open_image_dataset
+from stages.encode import _DecodedImages
+from stages.eval_common import reconstruct
+from stages.evaluate import FROM_CACHE_REASON, run_evaluate
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_METRICS = ("rfid", "inception_score", "psnr", "psnr_y", "ssim", "lpips")
+REPORT_FIELDS = ("num_images", *IMAGE_METRICS, "latent_mse", "latent_mse_quantized", "codebook_usage", "perplexity",
+                 "bits_per_image", "vae_ceiling", "missing", "protocol", "tokenizer", "vae", "elapsed_s")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_eval_setup(tmp_path_factory.mktemp("eval"))
+
+
+@pytest.fixture(autouse=True)
+def no_weights_from_env(monkeypatch):
+    monkeypatch.delenv("REVQ_FID_WEIGHTS", raising=False)
+    monkeypatch.delenv("REVQ_LPIPS_WEIGHTS", raising=False)
+
+
+def test_report_without_metric_weights(setup):
+    report = run_evaluate(setup.cfg, run=str(setup.run), split="val", images=None, from_cache=False)
+    assert json.loads((setup.run / "eval_val.json").read_text()) == report
+    assert (setup.run / "eval_val.config.yaml").is_file()
+    for field in REPORT_FIELDS:
+        assert field in report, field
+    assert report["num_images"] == NUM_GOOD_IMAGES
+    skipped = report["protocol"]["skipped"]
+    assert skipped["count"] == 1 and skipped["keys"] == ["dogs/img_broken.png"]
+    for scope in (report, report["vae_ceiling"]):
+        assert scope["rfid"] is None and scope["inception_score"] is None and scope["lpips"] is None
+        assert 0 < scope["psnr"] < 100 and 0 < scope["psnr_y"] < 100 and -1 <= scope["ssim"] <= 1
+    for metric in ("rfid", "inception_score", "lpips", "vae_ceiling.rfid", "vae_ceiling.lpips"):
+        assert "--fid-weights" in report["missing"][metric] or "--lpips-weights" in report["missing"][metric]
+    assert report["latent_mse"] >= 0 and report["latent_mse_quantized"] > 0
+    assert report["latent_mse"] != report["latent_mse_quantized"]
+    assert 0 < report["codebook_usage"] <= 1 and 1 <= report["perplexity"] <= CODEBOOK_SIZE
+    assert report["bits_per_image"] == NUM_TOKENS * math.log2(CODEBOOK_SIZE)
+    protocol = report["protocol"]
+    assert protocol["resolution"] == RESOLUTION and protocol["rounding"] == "clamp [0,1], round to 8 bit"
+    assert protocol["fid_weights_sha256"] is None and "red channel" in protocol["psnr_note"]
+    assert report["vae"]["weights_sha256"] == FrozenVAE.load(str(setup.vae), device="cpu").identity["weights_sha256"]
+    assert len(report["tokenizer"]["model_sha256"]) == 64
+    grid = Image.open(setup.run / "eval_val_grid.png")
+    assert grid.size == (4 * RESOLUTION + 3 * 2, 3 * RESOLUTION + 2 * 2)  # 4 columns, 3 rows, 2 px gaps
+
+
+def test_fid_is_and_lpips_plumbing_with_stand_in_networks(setup, monkeypatch):
+    stand_in = StandInInception()
+    monkeypatch.setattr(eval_metrics, "try_load_fid_inception", lambda path, device: (stand_in, None))
+    monkeypatch.setattr(eval_metrics, "try_load_lpips", lambda path, device: (LPIPS(), None))
+    report = run_evaluate(setup.cfg, run=str(setup.run), split="val", images=None, from_cache=False)
+    for scope in (report, report["vae_ceiling"]):
+        for metric in IMAGE_METRICS:
+            assert isinstance(scope[metric], float) and math.isfinite(scope[metric]), metric
+    assert not any(k.split(".")[-1] in ("rfid", "inception_score", "lpips") for k in report["missing"])
+    assert report["protocol"]["fid_weights_sha256"] == "stand-in"
+
+    # the same FID from the features of the reconstructions, computed with numpy's covariance
+    tokenizer = RevqTokenizer.from_pretrained(setup.run / "tokenizer", device="cpu")
+    vae = FrozenVAE.load(str(setup.vae), device="cpu")
+    dataset = open_image_dataset(setup.images)
+    decoded = [_DecodedImages(dataset, RESOLUTION)[i] for i in range(len(dataset))]
+    images = torch.stack([x for _, x, _ in decoded if x is not None])  # one batch, as the evaluation saw it
+    rec = reconstruct(tokenizer, vae, images)
+    real, fake = (stand_in(x).features.double().numpy() for x in (rec.original, rec.tokenizer))
+    expected = frechet_distance(real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False))
+    assert report["rfid"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+
+
+def test_latent_level_evaluation_from_cache(setup):
+    report = run_evaluate(setup.cfg, run=str(setup.run), split="val", images=None, from_cache=True)
+    for field in REPORT_FIELDS:
+        assert field in report, field
+    assert report["num_images"] == NUM_GOOD_IMAGES
+    for metric in IMAGE_METRICS:
+        assert report[metric] is None and report["vae_ceiling"][metric] is None
+        assert report["missing"][metric] == FROM_CACHE_REASON
+        assert report["missing"][f"vae_ceiling.{metric}"] == FROM_CACHE_REASON
+    assert report["latent_mse"] >= 0 and report["latent_mse_quantized"] > 0
+    assert 0 < report["codebook_usage"] <= 1 and report["perplexity"] >= 1
+    assert report["bits_per_image"] == NUM_TOKENS * math.log2(CODEBOOK_SIZE)
+
+
+def test_limit_and_a_foreign_vae_are_handled(setup, tmp_path):
+    limited = make_config(setup.run.parent, setup.vae, setup.images, **{"eval.limit": 5})
+    assert run_evaluate(limited, run=str(setup.run), split="val", images=None, from_cache=False)["num_images"] == 5
+    other = make_tiny_vae(tmp_path, latent_channels=4, image_size=RESOLUTION, seed=1)
+    foreign = make_config(setup.run.parent, other, setup.images)
+    with pytest.raises(ValueError, match="weights sha256"):
+        run_evaluate(foreign, run=str(setup.run), split="val", images=None, from_cache=False)
+    with pytest.raises(FileNotFoundError, match="no trained tokenizer"):
+        run_evaluate(limited, run=str(tmp_path / "nowhere"), split="val", images=None, from_cache=False)
+
+
+@pytest.mark.slow
+def test_two_processes_through_the_cli_match_one(setup):
+    """`torchrun -m stages.cli eval` with 2 gloo ranks gives the report of a single process."""
+    # train.run via --set: torchrun's own parser would take "--run" for its "--run-path"
+    settings = ["vae.device=cpu", f"data.resolution={RESOLUTION}", "encode.num_workers=0", "eval.batch_size=4",
+                f"paths.root={setup.run.parent / 'artifacts'}", f"train.run={setup.run}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "stages.cli", "eval", "--split", "two", "--images", str(setup.images),
+               "--vae", str(setup.vae)] + [arg for s in settings for arg in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((setup.run / "eval_two.json").read_text())
+    cfg = make_config(setup.run.parent, setup.vae, setup.images, **{"eval.batch_size": 4})
+    one = run_evaluate(cfg, run=str(setup.run), split="one", images=str(setup.images), from_cache=False)
+    assert two["num_images"] == one["num_images"] == NUM_GOOD_IMAGES
+    assert two["protocol"]["skipped"]["keys"] == one["protocol"]["skipped"]["keys"]
+    for key in ("psnr", "psnr_y", "ssim", "latent_mse", "latent_mse_quantized", "codebook_usage", "perplexity"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4), key
+    assert two["vae_ceiling"]["psnr"] == pytest.approx(one["vae_ceiling"]["psnr"], rel=1e-4)

@@ -1,0 +1,142 @@
+"""`revq-pipe tokenize`: the token store, decode of exported ids = the evaluation's reconstruction, resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache.reader import LatentCache
+from cache.schema import CacheError
+from cache.token_store import TokenStore, TokenWriter
+from helpers_eval import CODEBOOK_SIZE, NUM_GOOD_IMAGES, NUM_TOKENS, RESOLUTION, make_config, make_eval_setup
+from pipeline.images import to_uint8
+from pipeline.tokenizer import RevqTokenizer
+from pipeline.vae import FrozenVAE
+from stages.datasets import open_image_dataset
+from stages.encode import _DecodedImages
+from stages.eval_common import reconstruct
+from stages.tokenize import run_tokenize
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_eval_setup(tmp_path_factory.mktemp("tokenize"))
+
+
+def test_export_from_images_decodes_to_the_evaluation_reconstruction(setup, tmp_path):
+    out = run_tokenize(setup.cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                       out=str(tmp_path / "{split}.zarr"), overwrite=False)
+    assert out == tmp_path / "val.zarr" and (tmp_path / "val.config.yaml").is_file()
+    store = TokenStore.open(out)
+    ids = store.ids()
+    assert ids.shape == (NUM_GOOD_IMAGES, NUM_TOKENS) and ids.dtype == np.uint16
+    assert store.keys() == LatentCache.open(setup.cache).keys()
+    assert store.labels().tolist() == LatentCache.open(setup.cache).labels().tolist()
+    attrs = store.attrs
+    assert attrs["complete"] and attrs["codebook_size"] == CODEBOOK_SIZE and attrs["skipped"]["count"] == 1
+    assert len(attrs["layout"]["positions"]) == NUM_TOKENS and attrs["layout"]["latent_shape"] == [4, 4, 4]
+    assert attrs["layout"]["positions"][1] == {"position": 1, "channel": 0, "row": 1, "col_start": 0, "col_stop": 4,
+                                               "flat_start": 4, "flat_stop": 8, "num_rows": 1}
+    assert len(attrs["tokenizer"]["model_sha256"]) == 64 and attrs["source"]["kind"] == "images"
+    assert attrs["vae"] == LatentCache.open(setup.cache).manifest.vae
+
+    # decode(ids from the store) == the tokenizer reconstruction of the evaluation path, bit for bit
+    vae = FrozenVAE.load(str(setup.vae), device="cpu")
+    tokenizer = RevqTokenizer.from_pretrained(setup.run / "tokenizer", vae=vae, device="cpu")
+    dataset = open_image_dataset(setup.images)
+    decoded = [_DecodedImages(dataset, RESOLUTION)[i] for i in range(len(dataset))]
+    rec = reconstruct(tokenizer, vae, torch.stack([x for _, x, _ in decoded if x is not None]))
+    assert torch.equal(torch.from_numpy(ids.astype(np.int64)), rec.tokens.ids)
+    assert torch.equal(to_uint8(tokenizer.decode(torch.from_numpy(ids.astype(np.int64)))), rec.tokenizer)
+
+    with pytest.raises(CacheError, match="--overwrite"):
+        run_tokenize(setup.cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                     out=str(out), overwrite=False)
+
+
+def test_export_from_cache_matches_the_image_path_closely(setup, tmp_path):
+    from_images = run_tokenize(setup.cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                               out=str(tmp_path / "images.zarr"), overwrite=False)
+    from_cache = run_tokenize(setup.cfg, run=str(setup.run), split="val", images=None, cache=str(setup.cache),
+                              out=str(tmp_path / "cache.zarr"), overwrite=False)
+    cached = TokenStore.open(from_cache)
+    assert cached.attrs["source"]["kind"] == "cache" and "float16" in cached.attrs["source"]["latent_dtype"]
+    assert cached.keys() == TokenStore.open(from_images).keys()
+    agreement = (cached.ids() == TokenStore.open(from_images).ids()).mean()
+    assert agreement > 0.9  # float16-rounded latents may flip a few near-tie ids
+
+
+def test_interrupted_export_resumes_to_the_same_store(setup, tmp_path, monkeypatch):
+    cfg = make_config(setup.run.parent, setup.vae, setup.images, **{"encode.chunk_size": 5, "tokenize.batch_size": 3})
+    whole = run_tokenize(cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                         out=str(tmp_path / "whole.zarr"), overwrite=False)
+
+    calls = []
+    original_write_unit = TokenWriter.write_unit
+
+    def write_unit(self, u, *args, crash_after=None, **kwargs):
+        if crash_after is not None and len(calls) >= crash_after:
+            raise KeyboardInterrupt("simulated crash")
+        original_write_unit(self, u, *args, **kwargs)
+        calls.append(u)
+
+    monkeypatch.setattr(TokenWriter, "write_unit", lambda self, u, *a, **k: write_unit(self, u, *a, crash_after=1, **k))
+    with pytest.raises(KeyboardInterrupt):
+        run_tokenize(cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                     out=str(tmp_path / "resumed.zarr"), overwrite=False)
+    with pytest.raises(CacheError, match="incomplete"):
+        TokenStore.open(tmp_path / "resumed.zarr")
+    monkeypatch.setattr(TokenWriter, "write_unit", write_unit)
+    resumed = run_tokenize(cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                           out=str(tmp_path / "resumed.zarr"), overwrite=False)
+    assert calls == [0, 1, 2]  # unit 0 before the crash, then only the missing units 1 and 2 (13 inputs / 5)
+    assert np.array_equal(TokenStore.open(resumed).ids(), TokenStore.open(whole).ids())
+    assert TokenStore.open(resumed).keys() == TokenStore.open(whole).keys()
+
+
+def test_token_writer_checks_its_inputs(tmp_path):
+    spec = dict(num_inputs=3, split="val", num_tokens=2, codebook_size=70000, layout={}, tokenizer={"dir": "t"},
+                vae={"source": None}, source={"kind": "cache"}, chunk_size=2)
+    writer = TokenWriter.open(tmp_path / "t.zarr", **spec)
+    assert writer.attrs["ids_dtype"] == "int32"  # K > 65536 does not fit uint16
+    with pytest.raises(ValueError, match="outside the codebook"):
+        writer.write_unit(0, np.array([[0, 70000], [1, 2]]), np.array([0, 0]), ["a", "b"])
+    with pytest.raises(ValueError, match="do not describe"):
+        writer.write_unit(1, np.zeros((2, 2)), np.zeros(2), ["c", "d"])  # unit 1 holds one input
+    with pytest.raises(CacheError, match="units of .* are not written"):
+        writer.finalize()
+    with pytest.raises(CacheError, match="other settings"):
+        TokenWriter.open(tmp_path / "t.zarr", **{**spec, "codebook_size": 8})
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not a Zarr store"):
+        TokenWriter.open(tmp_path / "junk", **spec, overwrite=True)
+
+
+@pytest.mark.slow
+def test_two_processes_through_the_cli_write_the_same_ids(setup, tmp_path):
+    single = run_tokenize(setup.cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                          out=str(tmp_path / "one.zarr"), overwrite=False)
+    # small units so both ranks get work; train.run via --set (torchrun would take "--run" for "--run-path")
+    settings = [f"vae.source={setup.vae}", "vae.device=cpu", f"data.resolution={RESOLUTION}", "encode.num_workers=0", "encode.chunk_size=4",
+                "tokenize.batch_size=16", f"train.run={setup.run}", f"paths.root={tmp_path}"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "stages.cli", "tokenize", "--split", "val", "--images", str(setup.images),
+               "--out", str(tmp_path / "two.zarr")]
+    command += [arg for s in settings for arg in ("--set", s)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = TokenStore.open(tmp_path / "two.zarr")
+    assert two.keys() == TokenStore.open(single).keys()
+    assert np.array_equal(two.ids(), TokenStore.open(single).ids())

@@ -1,0 +1,208 @@
+"""Stage two end to end on tiny synthetic caches: artifacts, exact resume, DDP replicas, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cache.importer import import_tensor
+from cache.schema import CacheError
+from cache.writer import CacheWriter
+from pipeline.normalizer import LatentNormalizer
+from pipeline.quantizer import MultiGroupQuantizer
+from pipeline.tokenizer import RevqTokenizer
+from stages.config import load_config
+from stages.train import run_train
+from stages.train_loop import NonFiniteLossError
+
+REPO = Path(__file__).resolve().parents[1]
+DRIVER = REPO / "tests" / "_train_driver.py"
+SHAPE = (8, 4, 4)  # (C, H, W): 128 values
+TINY = [
+    "quantizer.num_tokens=32", "quantizer.codebook_size=16", "rectifier.width=32", "rectifier.depth=1",
+    "rectifier.head_dim=16", "train.epochs=3", "train.batch_size=32", "train.log_every=4", "train.device=cpu",
+]
+METRIC_FIELDS = {"epoch", "step", "lr", "codebook_lr", "rectifier_lr", "train_quant_mse", "train_rect_mse",
+                 "val_quant_mse", "val_rect_mse", "codebook_usage", "dead_codes", "codes_reset", "perplexity",
+                 "samples_per_s", "elapsed_s"}
+TIMING_FIELDS = {"samples_per_s", "elapsed_s"}
+
+
+def structured_latents(n: int, seed: int, shape=SHAPE) -> np.ndarray:
+    """Latents on a noisy 6-dimensional subspace with per-element offsets and scales (shared by all splits)."""
+    size = int(np.prod(shape))
+    fixed = np.random.default_rng(1234)
+    basis, offset, scale = fixed.normal(size=(6, size)), fixed.normal(0, 2, size), fixed.uniform(0.5, 2, size)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)) @ basis + 0.3 * rng.normal(size=(n, size))
+    return (x * scale + offset).reshape(n, *shape).astype(np.float32)
+
+
+def make_cache(folder: Path, split: str, latents: np.ndarray, **kwargs) -> Path:
+    src = folder / f"{split}.npy"
+    np.save(src, latents)
+    out = folder / f"{split}.zarr"
+    import_tensor(src, out, split=split, chunk_size=64, **kwargs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("caches")
+    return (make_cache(folder, "train", structured_latents(256, 0)),
+            make_cache(folder, "val", structured_latents(64, 1)))
+
+
+def tiny_overrides(caches, run: Path, *extra: str) -> list[str]:
+    train, val = caches
+    return [*TINY, f"data.train_cache={train}", f"data.val_cache={val}", f"train.run={run}", *extra]
+
+
+def tiny_config(caches, run: Path, *extra: str):
+    return load_config(None, tiny_overrides(caches, run, *extra), {})
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def drive(args: list[str], torchrun: bool = False) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, str(DRIVER), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=240)
+
+
+# --- end to end -----------------------------------------------------------------------------
+
+
+def test_run_writes_config_metrics_checkpoint_and_tokenizer(caches, tmp_path):
+    run = run_train(tiny_config(caches, tmp_path / "run"))
+    assert (run / "config.yaml").is_file() and (run / "checkpoint.pt").is_file()
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert [m["step"] for m in metrics] == [8, 16, 24]
+    for m in metrics:
+        assert METRIC_FIELDS <= set(m)
+        assert all(math.isfinite(m[k]) for k in METRIC_FIELDS)
+        assert 0.0 < m["codebook_usage"] <= 1.0
+    assert metrics[0]["lr"] == pytest.approx(1e-2) and metrics[-1]["lr"] == pytest.approx(1e-2 * 0.05)
+    assert metrics[-1]["codes_reset"] == 0, "no reset after the last epoch: the saved tokenizer is the validated one"
+    assert metrics[-1]["val_rect_mse"] < metrics[-1]["val_quant_mse"]
+
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (3, 24)
+    tokenizer = RevqTokenizer.from_pretrained(run / "tokenizer", device="cpu")
+    assert (tokenizer.num_tokens, tokenizer.codebook_size, tokenizer.token_dim) == (32, 16, 4)
+    torch.testing.assert_close(tokenizer.quantizer.codebooks, checkpoint["quantizer"]["codebooks"], rtol=0, atol=0)
+
+    latents = torch.from_numpy(structured_latents(16, 5))
+    quantizer = MultiGroupQuantizer(SHAPE, 32, 16)
+    quantizer.load_state_dict(checkpoint["quantizer"])
+    normalizer = LatentNormalizer(tokenizer.normalizer.mean, tokenizer.normalizer.std)
+    expected = quantizer.nearest(quantizer.to_tokens(normalizer.normalize(latents)))
+    assert torch.equal(tokenizer.latents_to_ids(latents), expected)
+
+    # a finished run started again changes nothing
+    run_train(tiny_config(caches, tmp_path / "run"))
+    assert read_metrics(run) == metrics
+
+
+def test_quantizer_only_run(caches, tmp_path):
+    run = run_train(tiny_config(caches, tmp_path / "run", "rectifier.kind=none", "train.epochs=2"))
+    for m in read_metrics(run):
+        assert m["rectifier_lr"] is None
+        assert m["val_rect_mse"] == pytest.approx(m["val_quant_mse"])
+    assert RevqTokenizer.from_pretrained(run / "tokenizer", device="cpu").num_tokens == 32
+
+
+def test_training_streamed_from_zarr(caches, tmp_path):
+    run = run_train(tiny_config(caches, tmp_path / "run", "train.data_on_device=never", "train.epochs=2"))
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [8, 16]
+    assert metrics[-1]["val_rect_mse"] < metrics[-1]["val_quant_mse"] < 1.0
+
+
+def test_resume_after_kill_mid_epoch_is_exact(caches, tmp_path):
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert drive(["--set=" + s for s in tiny_overrides(caches, straight)]).returncode == 0
+    killed = drive(["--set=" + s for s in tiny_overrides(caches, crashed)] + ["--kill-at", "3:5"])
+    assert killed.returncode == -9, killed.stderr
+    assert torch.load(crashed / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    resumed = drive(["--set=" + s for s in tiny_overrides(caches, crashed)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]  # noqa: E731
+    assert drop(read_metrics(crashed)) == drop(read_metrics(straight))
+    a = (straight / "tokenizer" / "model.safetensors").read_bytes()
+    b = (crashed / "tokenizer" / "model.safetensors").read_bytes()
+    assert a == b, "the resumed run's final weights differ from the uninterrupted run's"
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_keep_replicas_identical(caches, tmp_path):
+    run, sums = tmp_path / "run", tmp_path / "sums"
+    overrides = tiny_overrides(caches, run, "train.batch_size=16", "quantizer.codebook_size=128")  # dead codes
+    done = drive(["--set=" + s for s in overrides]
+                 + ["--checksums", str(sums)], torchrun=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0 = (sums / "rank0.jsonl").read_text().splitlines()
+    rank1 = (sums / "rank1.jsonl").read_text().splitlines()
+    assert len(rank0) == 3 and rank0 == rank1
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [8, 16, 24]  # 256 latents / 2 ranks / batch 16
+    assert metrics[0]["codes_reset"] > 0, "the reset must run (and stay identical on both ranks)"
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+def test_refuses_incomplete_cache(caches, tmp_path):
+    store = tmp_path / "partial.zarr"
+    writer = CacheWriter.open(store, num_inputs=128, latent_shape=SHAPE, split="train",
+                              vae_identity={"source": None, "class": None, "weights_sha256": None},
+                              image_recipe={"resolution": None}, chunk_size=64, create=True)
+    writer.write_unit(0, structured_latents(64, 0), np.full(64, -1), [f"k{i}" for i in range(64)], [])
+    with pytest.raises(CacheError, match="incomplete"):
+        run_train(tiny_config((store, caches[1]), tmp_path / "run"))
+
+
+def test_refuses_caches_of_different_vaes(caches, tmp_path):
+    other = make_cache(tmp_path, "val", structured_latents(64, 1),
+                       vae_identity={"source": "other/vae", "class": "AutoencoderDC", "weights_sha256": "0" * 64})
+    with pytest.raises(CacheError, match="VAE"):
+        run_train(tiny_config((caches[0], other), tmp_path / "run"))
+
+
+def test_refuses_token_count_that_does_not_tile_the_latent(caches, tmp_path):
+    with pytest.raises(ValueError, match=r"num_tokens=7 does not divide .* 8x4x4 = 128"):
+        run_train(tiny_config(caches, tmp_path / "run", "quantizer.num_tokens=7"))
+
+
+def test_refuses_codebook_larger_than_training_set_unless_allowed(caches, tmp_path):
+    with pytest.raises(ValueError, match="allow_small_cache"):
+        run_train(tiny_config(caches, tmp_path / "run", "quantizer.codebook_size=300"))
+    run = run_train(tiny_config(caches, tmp_path / "run", "quantizer.codebook_size=300",
+                                "train.allow_small_cache=true", "train.epochs=1"))
+    assert (run / "tokenizer" / "model.safetensors").is_file()
+
+
+def test_non_finite_loss_names_epoch_and_step(caches, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step \d+"):
+        run_train(tiny_config(caches, tmp_path / "run", "train.rectifier_lr=1e30", "train.grad_clip=0"))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_refuses_a_different_config_in_a_run_with_a_checkpoint(caches, tmp_path):
+    run_train(tiny_config(caches, tmp_path / "run", "train.epochs=1"))
+    with pytest.raises(ValueError, match=r"train.epochs: 1 -> 2.*new --run"):
+        run_train(tiny_config(caches, tmp_path / "run", "train.epochs=2"))
