@@ -111,6 +111,24 @@ class CacheWriter:
         (path / STAGING_DIR).mkdir()
         return cls(path, manifest)
 
+    @staticmethod
+    def completed(path: str | os.PathLike, *, num_inputs: int, latent_shape: Sequence[int], split: str,
+                  vae_identity: dict[str, Any], image_recipe: dict[str, Any], chunk_size: int = 256,
+                  latent_dtype: str = "float16") -> CacheManifest | None:
+        """The manifest of a complete cache at `path` written with exactly `spec`, else None.
+
+        Takes the spec arguments of `open`. Rerunning a finished encode with the same command
+        is then a no-op rather than an error.
+        """
+        attrs = _read_attrs(Path(path))
+        if not attrs or attrs.get("format") != FORMAT or not attrs.get("complete", False):
+            return None
+        wanted = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe,
+                                     chunk_size, latent_dtype)
+        if _spec_differences(attrs, wanted):
+            return None
+        return CacheManifest.from_attrs(attrs)
+
     # ---- phase one: staging ---------------------------------------------------------------------
 
     @property

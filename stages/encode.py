@@ -49,6 +49,11 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
         writer_args = dict(num_inputs=len(dataset), latent_shape=latent_shape, split=split,
                            vae_identity=vae.identity, image_recipe=recipe(cfg.data.resolution),
                            chunk_size=cfg.encode.chunk_size, latent_dtype=cfg.encode.latent_dtype)
+        finished = None if overwrite else CacheWriter.completed(out, **writer_args)
+        if finished is not None:
+            log(f"{out} already holds this complete {split!r} cache ({finished.num_samples} latents); "
+                "nothing to do (pass --overwrite to encode again)")
+            return finished
         # rank 0 creates (or resumes) the store, then the other ranks attach to it
         writer = _on_main(ctx, lambda: CacheWriter.open(out, overwrite=overwrite, create=True, **writer_args))
         if not ctx.is_main:

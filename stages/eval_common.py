@@ -131,18 +131,6 @@ def reconstruct(tokenizer: RevqTokenizer, vae: FrozenVAE, images: torch.Tensor) 
                            tokenizer=to_uint8(vae.decode(tokens.decoder_input)), tokens=tokens)
 
 
-class UsageCounts:
-    """(T, K) int64 count of how often each code of each position was chosen; sums across ranks."""
-
-    def __init__(self, num_tokens: int, codebook_size: int, device: torch.device) -> None:
-        self.counts = torch.zeros(num_tokens, codebook_size, dtype=torch.int64, device=device)
-        self._offsets = torch.arange(num_tokens, device=device) * codebook_size  # (T,)
-
-    def update(self, ids: torch.Tensor) -> None:
-        flat = (ids.to(self._offsets.device) + self._offsets).reshape(-1)
-        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
-
-
 # --- images -----------------------------------------------------------------------------------
 
 

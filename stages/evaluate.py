@@ -24,13 +24,13 @@ import zarr
 
 from cache.reader import LatentCache
 from cache.schema import CacheError
-from pipeline.quantizer import codebook_usage, perplexity
+from pipeline.quantizer import codebook_usage, count_ids, perplexity
 from pipeline.tokenizer import RevqTokenizer
 from stages.config import RevqConfig, save_config
 from stages.console import log, progress
 from stages.datasets import open_image_dataset
 from stages.distributed import DistContext, init_distributed, shutdown_distributed
-from stages.eval_common import (UsageCounts, add_latent_errors, image_batches, load_matching_vae, load_tokenizer,
+from stages.eval_common import (add_latent_errors, image_batches, load_matching_vae, load_tokenizer,
                                 rank_batches, reconstruct, resolution_of, tokenize_latents, tokenizer_identity)
 from stages.eval_metrics import (FID_BACKEND, IMAGE_METRICS, INCEPTION_SPLITS, ReconstructionMetrics,
                                  load_metric_networks)
@@ -112,7 +112,7 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, run: Path, split
     # --- loop: reconstruct, measure, count -----------------------------------------------------
     metrics = ReconstructionMetrics(["tokenizer", "vae_ceiling"], nets, ctx.device)
     latent_sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # values, quantized SSE, rectified SSE
-    usage = UsageCounts(tokenizer.num_tokens, tokenizer.codebook_size, ctx.device)
+    usage = torch.zeros(tokenizer.num_tokens, tokenizer.codebook_size, dtype=torch.int64, device=ctx.device)  # (T, K)
     grid, skipped = [], []
     with progress(sum(map(len, batches)), f"eval {split}", enabled=ctx.is_main) as bar:
         for batch in image_batches(dataset, batches, resolution, cfg.encode.num_workers, ctx.device):
@@ -122,7 +122,7 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, run: Path, split
                 metrics.update(rec.original, {"tokenizer": rec.tokenizer, "vae_ceiling": rec.vae},
                                torch.tensor(batch.indices))
                 add_latent_errors(latent_sums, rec.tokens)
-                usage.update(rec.tokens.ids)
+                usage += count_ids(rec.tokens.ids, tokenizer.codebook_size)
                 if ctx.is_main and len(grid) < cfg.eval.grid_images:
                     grid += list(zip(rec.original.cpu(), rec.vae.cpu(), rec.tokenizer.cpu()))
             bar.advance(len(batch.indices) + len(batch.skipped))
@@ -130,7 +130,7 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, run: Path, split
     # --- finish: merge ranks, grid ---------------------------------------------------------------
     metrics.all_reduce_(ctx)
     ctx.all_reduce_sum_(latent_sums)
-    ctx.all_reduce_sum_(usage.counts)
+    ctx.all_reduce_sum_(usage)
     skipped = [item for part in ctx.all_gather_object(skipped) for item in part]
     if ctx.is_main and grid:
         rows = [torch.stack([images[k] for images in grid[:cfg.eval.grid_images]]) for k in range(3)]
@@ -164,17 +164,17 @@ def _evaluate_latents(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, ctx
     latents = zarr.open_group(cache.path, mode="r")["latents"]  # (N, C, H, W), read a batch at a time
     log(f"eval {split} at the latent level: {num_inputs} latents from {path}")
     latent_sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    usage = UsageCounts(tokenizer.num_tokens, tokenizer.codebook_size, ctx.device)
+    usage = torch.zeros(tokenizer.num_tokens, tokenizer.codebook_size, dtype=torch.int64, device=ctx.device)  # (T, K)
     batches = rank_batches(num_inputs, cfg.eval.batch_size, ctx)
     with progress(sum(map(len, batches)), f"eval {split} (latents)", enabled=ctx.is_main, unit="latent") as bar:
         for rows in batches:
             z = torch.from_numpy(np.asarray(latents[rows[0]:rows[-1] + 1], dtype=np.float32))
             tokens = tokenize_latents(tokenizer, z.to(ctx.device))
             add_latent_errors(latent_sums, tokens)
-            usage.update(tokens.ids)
+            usage += count_ids(tokens.ids, tokenizer.codebook_size)
             bar.advance(len(rows))
     ctx.all_reduce_sum_(latent_sums)
-    ctx.all_reduce_sum_(usage.counts)
+    ctx.all_reduce_sum_(usage)
     nulls = {metric: None for metric in (*IMAGE_METRICS, "inception_score_std")}
     missing = {m: FROM_CACHE_REASON for m in IMAGE_METRICS}
     missing.update({f"vae_ceiling.{m}": FROM_CACHE_REASON for m in IMAGE_METRICS})
@@ -197,13 +197,14 @@ def _configured(cfg: RevqConfig, split: str, kind: str) -> str:
     return value
 
 
-def _latent_report(sums: torch.Tensor, usage: UsageCounts) -> dict[str, Any]:
+def _latent_report(sums: torch.Tensor, usage: torch.Tensor) -> dict[str, Any]:
+    """Latent MSEs from (values, quantized SSE, rectified SSE) and usage from the (T, K) code counts."""
     values, quantized, rectified = sums.tolist()
-    seen = int(usage.counts.sum()) > 0
+    seen = int(usage.sum()) > 0
     return {"latent_mse": rectified / values if values else None,
             "latent_mse_quantized": quantized / values if values else None,
-            "codebook_usage": float(codebook_usage(usage.counts)) if seen else None,
-            "perplexity": float(perplexity(usage.counts)) if seen else None}
+            "codebook_usage": codebook_usage(usage) if seen else None,
+            "perplexity": perplexity(usage) if seen else None}
 
 
 def _protocol(tokenizer: RevqTokenizer, resolution: int | None, num_images: int, skipped: list[tuple[str, str]],
@@ -222,7 +223,9 @@ def _protocol(tokenizer: RevqTokenizer, resolution: int | None, num_images: int,
         "psnr_note": PSNR_NOTE,
         "latent_mse_note": ("mean squared error in the standardized latent space (the tokenizer's normalizer): "
                             "latent_mse after the rectifier, latent_mse_quantized before it"),
-        "codebook_usage_note": "fraction of (position, code) pairs used at least once over the evaluated set",
+        "codebook_usage_note": ("codebook_usage: fraction of codes chosen at least once over the evaluated set, "
+                                "averaged over positions; perplexity: exp(entropy) of the code distribution, "
+                                "averaged over positions"),
         "num_images": num_images,
         "skipped": {"count": len(skipped), "keys": [k for k, _ in skipped], "reasons": [r for _, r in skipped]},
     }

@@ -11,7 +11,8 @@ import zarr
 
 from cache.reader import LatentCache
 from cache.schema import CacheError
-from helpers_cache import RECIPE, SHAPE, build_store, make_inputs, open_writer, store_files, write_units
+from cache.writer import CacheWriter
+from helpers_cache import RECIPE, SHAPE, VAE, build_store, make_inputs, open_writer, store_files, write_units
 
 N = 23  # 5 units of 5 inputs, the last one short
 
@@ -195,3 +196,14 @@ def test_write_unit_and_finalize_validation(tmp_path):
     with pytest.raises(CacheError, match="5 of 5 units .* not written yet"):
         writer.finalize()
     assert os.listdir(tmp_path / "s.zarr" / "_staging") == []
+
+
+def test_completed_finds_only_a_finished_store_with_the_same_spec(tmp_path):
+    spec = dict(num_inputs=23, latent_shape=SHAPE, split="train", vae_identity=VAE, image_recipe=RECIPE, chunk_size=5)
+    assert CacheWriter.completed(tmp_path / "s", **spec) is None  # nothing there yet
+    writer = open_writer(tmp_path / "s", 23)
+    assert CacheWriter.completed(tmp_path / "s", **spec) is None  # unfinished
+    write_units(writer, make_inputs(23), writer.pending_units(0, 1))
+    writer.finalize()
+    assert CacheWriter.completed(tmp_path / "s", **spec).num_samples == 23 - 3
+    assert CacheWriter.completed(tmp_path / "s", **{**spec, "split": "val"}) is None

@@ -1,0 +1,64 @@
+"""Rectifier: identity at start, the reference's plain form, METHOD.md's parameter counts, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.rectifier import PRESETS, EfficientViTRectifier, RectifierSpec, build_rectifier
+
+TINY = RectifierSpec(kind="vit", width=16, depth=1, head_dim=8)
+
+
+def test_residual_rectifier_starts_as_the_exact_identity():
+    torch.manual_seed(0)
+    rectifier = build_rectifier(TINY, 4)
+    x = torch.randn(3, 4, 5, 5)
+    assert torch.equal(rectifier(x), x)
+
+
+def test_plain_rectifier_is_not_the_identity_and_keeps_the_shape():
+    torch.manual_seed(0)
+    rectifier = build_rectifier(RectifierSpec(kind="vit", width=16, depth=1, head_dim=8, residual=False), 4)
+    x = torch.randn(2, 4, 3, 3)
+    y = rectifier(x)
+    assert y.shape == x.shape and not torch.allclose(y, x)
+
+
+def test_residual_rectifier_learns():
+    torch.manual_seed(0)
+    rectifier = build_rectifier(TINY, 4)
+    x = torch.randn(4, 4, 3, 3)
+    target = x + 0.5
+    optimizer = torch.optim.AdamW(rectifier.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.mse_loss(rectifier(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name,millions", [("512T", 14.07), ("256T-B", 72.97), ("256T-L", 18.66)])
+def test_presets_have_the_published_parameter_counts(name, millions):
+    with torch.device("meta"):  # shapes only: nothing is allocated or run
+        rectifier = build_rectifier(PRESETS[name], 32)
+    count = sum(p.numel() for p in rectifier.parameters())
+    assert count == pytest.approx(millions * 1e6, rel=0.01)
+
+
+def test_none_is_an_identity_without_parameters():
+    rectifier = build_rectifier(RectifierSpec(kind="none"), 32)
+    x = torch.randn(1, 32, 2, 2)
+    assert list(rectifier.parameters()) == [] and rectifier(x) is x
+
+
+def test_invalid_specs_are_refused():
+    with pytest.raises(ValueError, match="width=20 is not a multiple of the 8 latent channels"):
+        EfficientViTRectifier(8, 20, 1, head_dim=4)
+    with pytest.raises(ValueError, match="head_dim=5"):
+        EfficientViTRectifier(4, 16, 1, head_dim=5)
+    with pytest.raises(ValueError, match="kind='mlp'"):
+        build_rectifier(RectifierSpec(kind="mlp"), 4)
