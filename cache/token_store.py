@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from cache.schema import STAGING_DIR, CacheError, package_version, small_compressors
-from cache.writer import _read_attrs  # the store's attributes without opening it (None: no store)
+from cache.writer import read_store_attrs
 
 TOKEN_FORMAT = "revq-token-store"
 TOKEN_FORMAT_VERSION = 1
@@ -94,7 +94,7 @@ class TokenWriter:
                 "ids_dtype": ids_dtype(codebook_size), "layout": layout, "tokenizer": tokenizer, "vae": vae,
                 "source": source, "num_samples": 0, "package_version": package_version()}
         spec = json.loads(json.dumps(spec))  # tuples -> lists, so a stored spec compares equal
-        stored = _read_attrs(path)
+        stored = read_store_attrs(path)
         if not create:
             if stored is None or stored.get("format") != TOKEN_FORMAT or stored.get("complete", True):
                 raise CacheError(f"no unfinished token store at {path} to attach to; rank 0 must call "
@@ -206,7 +206,7 @@ class TokenStore:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "TokenStore":
         path = Path(path)
-        attrs = _read_attrs(path)
+        attrs = read_store_attrs(path)
         if attrs is None or attrs.get("format") != TOKEN_FORMAT:
             raise CacheError(f"no token store at {path}; write one with `revq-pipe tokenize --out {path}`")
         if attrs.get("format_version") != TOKEN_FORMAT_VERSION:

@@ -85,7 +85,7 @@ class CacheWriter:
         path = Path(path)
         manifest = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe,
                                        chunk_size, latent_dtype)
-        attrs = _read_attrs(path)
+        attrs = read_store_attrs(path)
         if not create:
             if attrs is None or attrs.get("format") != FORMAT or attrs.get("complete", True):
                 raise CacheError(f"no unfinished latent cache at {path} to attach to; rank 0 must call "
@@ -120,7 +120,7 @@ class CacheWriter:
         Takes the spec arguments of `open`. Rerunning a finished encode with the same command
         is then a no-op rather than an error.
         """
-        attrs = _read_attrs(Path(path))
+        attrs = read_store_attrs(Path(path))
         if not attrs or attrs.get("format") != FORMAT or not attrs.get("complete", False):
             return None
         wanted = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe,
@@ -332,7 +332,7 @@ def _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_rec
                          chunk_size=int(chunk_size), num_inputs=int(num_inputs))
 
 
-def _read_attrs(path: Path) -> dict[str, Any] | None:
+def read_store_attrs(path: Path) -> dict[str, Any] | None:
     """The group attributes of a Zarr store at path, or None when there is none."""
     meta = path / "zarr.json"
     if not meta.is_file():

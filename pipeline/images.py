@@ -9,6 +9,7 @@ scaled (not clipped) to 8 bits. EXIF orientation is not applied, like the refere
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import torch
@@ -51,7 +52,9 @@ def decode_image(data: bytes, key: str) -> Image.Image:
     except ImageDecodeError:
         raise
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
-        raise ImageDecodeError(key, f"{type(error).__name__}: {error}") from None
+        # Pillow's messages can name the in-memory buffer's address; drop it so records are reproducible
+        message = re.sub(r" ?<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error))
+        raise ImageDecodeError(key, f"{type(error).__name__}: {message}") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

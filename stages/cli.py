@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from stages.config import RevqConfig, load_config
+from stages.console import is_main_process
 
 app = typer.Typer(
     help="Turn a frozen image VAE into a discrete visual tokenizer (ReVQ) on cached latents.",
@@ -131,7 +132,8 @@ def evaluate(
 
         cfg = _config(config, set_, flags)
         report = run_evaluate(cfg, run=cfg.train.run, split=split, images=images, from_cache=from_cache)
-        typer.echo(json.dumps(report, indent=2))
+        if is_main_process():  # under torchrun every rank holds the reduced report
+            typer.echo(json.dumps(report, indent=2))
 
     _fail_cleanly(work)
 

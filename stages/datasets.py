@@ -24,10 +24,12 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from braceexpand import braceexpand
+from torch.utils.data import Dataset
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, preprocess
 
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample holds several
 TAR_LABEL_EXTENSION = "cls"
@@ -191,3 +193,34 @@ def _read_label(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: str, key: 
     except ValueError:
         raise ValueError(f"sample {key!r} of {shard} has a cls member {text[:40]!r} that is not an integer "
                          "class id; fix the shard or drop its cls members") from None
+
+
+class DecodedImages(Dataset):
+    """Decode + preprocess one image per index in a DataLoader worker; unreadable ones come back as None."""
+
+    def __init__(self, images: ImageDataset, resolution: int) -> None:
+        self.images = images
+        self.resolution = resolution
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        key = self.images.key(i)
+        try:
+            img = decode_image(self.images.read_bytes(i), key)
+        except ImageDecodeError as error:
+            return i, None, error.reason
+        except OSError as error:  # a file that vanished or cannot be read
+            return i, None, f"{type(error).__name__}: {error}"
+        return i, preprocess(img, self.resolution), None
+
+
+def collate_decoded(items: list[tuple[int, torch.Tensor | None, str | None]]) -> dict:
+    """Split a batch into decoded images (in index order) and skipped (index, reason) pairs."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    return {
+        "indices": [i for i, _ in good],
+        "images": torch.stack([x for _, x in good]) if good else None,  # (n, 3, R, R)
+        "skipped": [(i, reason) for i, x, reason in items if x is None],
+    }

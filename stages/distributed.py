@@ -52,6 +52,25 @@ class DistContext:
         return gathered
 
 
+def run_on_main(ctx: DistContext, work, share: bool = False):
+    """Run work() on rank 0 only; if it fails, every rank raises instead of waiting for it forever.
+
+    Returns work()'s result on rank 0, and on the other ranks too when `share` (else None).
+    """
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = work()
+        except Exception as failure:  # re-raised below, after the other ranks have heard of it
+            error = failure
+    succeeded, shared = ctx.all_gather_object((error is None, result if share else None))[0]
+    if error is not None:
+        raise error
+    if not succeeded:
+        raise RuntimeError("rank 0 failed (its error message says why); stopping this rank as well")
+    return result if ctx.is_main else shared
+
+
 def init_distributed(device_preference: str = "auto") -> DistContext:
     """Join the torchrun process group if there is one; gloo on CPU, nccl on CUDA."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from cache.schema import CacheManifest
 from cache.writer import CacheWriter
-from pipeline.images import ImageDecodeError, decode_image, preprocess, recipe
+from pipeline.images import recipe
 from pipeline.vae import FrozenVAE
 from stages.config import RevqConfig, save_config
 from stages.console import log, progress
-from stages.datasets import ImageDataset, open_image_dataset
-from stages.distributed import DistContext, init_distributed, shutdown_distributed
+from stages.datasets import DecodedImages, ImageDataset, collate_decoded, open_image_dataset
+from stages.distributed import DistContext, init_distributed, run_on_main, shutdown_distributed
 
 _SKIPPED_LISTED = 20  # skipped keys printed at the end; the store records all of them
 
@@ -55,7 +55,7 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
                 "nothing to do (pass --overwrite to encode again)")
             return finished
         # rank 0 creates (or resumes) the store, then the other ranks attach to it
-        writer = _on_main(ctx, lambda: CacheWriter.open(out, overwrite=overwrite, create=True, **writer_args))
+        writer = run_on_main(ctx, lambda: CacheWriter.open(out, overwrite=overwrite, create=True, **writer_args))
         if not ctx.is_main:
             writer = CacheWriter.open(out, overwrite=overwrite, create=False, **writer_args)
         else:
@@ -70,61 +70,11 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
         ctx.barrier()
 
         # ---- finish: assemble the store on rank 0 ---------------------------------------------
-        manifest = _on_main(ctx, writer.finalize, share=True)
+        manifest = run_on_main(ctx, writer.finalize, share=True)
         _log_summary(manifest, out)
         return manifest
     finally:
         shutdown_distributed(ctx)
-
-
-def _on_main(ctx: DistContext, work, share: bool = False):
-    """Run work() on rank 0 only; if it fails, every rank raises instead of waiting for it forever.
-
-    Returns work()'s result on rank 0, and on the other ranks too when `share` (else None).
-    """
-    result, error = None, None
-    if ctx.is_main:
-        try:
-            result = work()
-        except Exception as failure:  # re-raised below, after the other ranks have heard of it
-            error = failure
-    succeeded, shared = ctx.all_gather_object((error is None, result if share else None))[0]
-    if error is not None:
-        raise error
-    if not succeeded:
-        raise RuntimeError("rank 0 failed (its error message says why); stopping this rank as well")
-    return result if ctx.is_main else shared
-
-
-class _DecodedImages(Dataset):
-    """Decode + preprocess one image per index in a DataLoader worker; unreadable ones come back as None."""
-
-    def __init__(self, images: ImageDataset, resolution: int) -> None:
-        self.images = images
-        self.resolution = resolution
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        key = self.images.key(i)
-        try:
-            img = decode_image(self.images.read_bytes(i), key)
-        except ImageDecodeError as error:
-            return i, None, error.reason
-        except OSError as error:  # a file that vanished or cannot be read
-            return i, None, f"{type(error).__name__}: {error}"
-        return i, preprocess(img, self.resolution), None
-
-
-def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]) -> dict:
-    """Split a batch into decoded images (in index order) and skipped (index, reason) pairs."""
-    good = [(i, x) for i, x, _ in items if x is not None]
-    return {
-        "indices": [i for i, _ in good],
-        "images": torch.stack([x for _, x in good]) if good else None,  # (n, 3, R, R)
-        "skipped": [(i, reason) for i, x, reason in items if x is None],
-    }
 
 
 def _unit_batches(writer: CacheWriter, units: list[int], batch_size: int) -> list[list[int]]:
@@ -143,7 +93,7 @@ def _encode_units(cfg: RevqConfig, dataset: ImageDataset, vae: FrozenVAE, writer
     if not batches:
         return
     loader = DataLoader(
-        _DecodedImages(dataset, cfg.data.resolution), batch_sampler=batches, collate_fn=_collate,
+        DecodedImages(dataset, cfg.data.resolution), batch_sampler=batches, collate_fn=collate_decoded,
         num_workers=cfg.encode.num_workers, pin_memory=ctx.device.type == "cuda",
         prefetch_factor=4 if cfg.encode.num_workers > 0 else None,
     )

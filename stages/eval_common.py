@@ -1,5 +1,5 @@
-"""What evaluate, tokenize and tolerance share: the trained tokenizer with its VAE, images in batches,
-the tokenizer's latents and 8-bit reconstructions, and code usage counts."""
+"""What evaluate, tokenize and tolerance share: the trained tokenizer with its matching VAE, images in
+batches (decoded in DataLoader workers like stage one), the tokenizer's latents and 8-bit reconstructions."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from stages.console import log
 from stages.datasets import ImageDataset
 from stages.distributed import DistContext
 # stage one's decode-in-worker dataset and collate: evaluation reads images exactly like encoding
-from stages.encode import _collate, _DecodedImages
+from stages.datasets import DecodedImages, collate_decoded
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -146,7 +146,7 @@ def image_batches(dataset: ImageDataset, batches: list[list[int]], resolution: i
     """Decode and preprocess the given index batches in DataLoader workers, in order."""
     if not batches:
         return
-    loader = DataLoader(_DecodedImages(dataset, resolution), batch_sampler=batches, collate_fn=_collate,
+    loader = DataLoader(DecodedImages(dataset, resolution), batch_sampler=batches, collate_fn=collate_decoded,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if num_workers > 0 else None)
     for batch in loader:

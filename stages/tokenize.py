@@ -28,7 +28,7 @@ from stages.config import RevqConfig, save_config
 from stages.console import log, progress
 from stages.datasets import open_image_dataset
 from stages.distributed import DistContext, init_distributed, shutdown_distributed
-from stages.encode import _on_main  # rank 0 works, the others hear about its failure instead of hanging
+from stages.distributed import run_on_main
 from stages.eval_common import image_batches, load_matching_vae, load_tokenizer, resolution_of, tokenizer_identity
 
 CACHE_NOTE = ("ids computed from cached latents, which are rounded to the cache's dtype: a few ids can differ from "
@@ -63,7 +63,7 @@ def _tokenize(cfg: RevqConfig, run: Path, split: str, images: str | None, cache:
     spec = dict(num_inputs=source.num_inputs, split=split, num_tokens=tokenizer.num_tokens,
                 codebook_size=tokenizer.codebook_size, layout=layout, tokenizer=tokenizer_identity(run),
                 vae=source.vae_identity, source=source.description, chunk_size=cfg.encode.chunk_size)
-    writer = _on_main(ctx, lambda: TokenWriter.open(out, overwrite=overwrite, create=True, **spec))
+    writer = run_on_main(ctx, lambda: TokenWriter.open(out, overwrite=overwrite, create=True, **spec))
     if not ctx.is_main:
         writer = TokenWriter.open(out, create=False, **spec)
     if ctx.is_main:
@@ -79,7 +79,7 @@ def _tokenize(cfg: RevqConfig, run: Path, split: str, images: str | None, cache:
     ctx.barrier()
 
     # --- finish: assemble the store on rank 0 ---------------------------------------------------------
-    attrs = _on_main(ctx, writer.finalize, share=True)
+    attrs = run_on_main(ctx, writer.finalize, share=True)
     log(f"wrote {attrs['num_samples']} x {tokenizer.num_tokens} token ids ({attrs['ids_dtype']}) to {out}"
         + (f"; skipped {attrs['skipped']['count']} unreadable images (listed in the store)"
            if attrs["skipped"]["count"] else ""))

@@ -96,8 +96,13 @@ def test_end_to_end(data, tmp_path):
     np.testing.assert_allclose(stored, direct, rtol=2e-3, atol=1e-4)  # float16 rounding
     np.testing.assert_allclose(cache.mean.numpy(), stored.astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
 
+    # the same command on a finished store is a no-op; other settings are refused
+    before = {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
+    again = run_encode(config(data["vae"]), split="train", images=str(data["images"]), out=str(out), overwrite=False)
+    assert again.num_samples == cache.num_samples
+    assert before == {f: f.read_bytes() for f in out.rglob("*") if f.is_file()}
     with pytest.raises(CacheError, match="--overwrite"):
-        run_encode(config(data["vae"]), split="train", images=str(data["images"]), out=str(out), overwrite=False)
+        run_encode(config(data["vae"]), split="val", images=str(data["images"]), out=str(out), overwrite=False)
 
 
 def test_wrong_resolution_stops_before_writing(data, tmp_path):

@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers_eval import (CODEBOOK_SIZE, NUM_GOOD_IMAGES, NUM_TOKENS, RESOLUTION, StandInInception, make_config,
-                          make_eval_setup)
+from helpers_eval import (CODEBOOK_SIZE, NUM_GOOD_IMAGES, NUM_TOKENS, RESOLUTION, StandInInception, StandInLPIPS,
+                          make_config, make_eval_setup)
 from helpers_vae import make_tiny_vae
-from pipeline.metrics import LPIPS, frechet_distance
+from pipeline.metrics import frechet_distance
 from pipeline.tokenizer import RevqTokenizer
 from pipeline.vae import FrozenVAE
 from stages import eval_metrics
 from stages.datasets import open_image_dataset
-from stages.encode import _DecodedImages
+from stages.datasets import DecodedImages
 from stages.eval_common import reconstruct
 from stages.evaluate import FROM_CACHE_REASON, run_evaluate
 
@@ -73,7 +73,7 @@ def test_report_without_metric_weights(setup):
 def test_fid_is_and_lpips_plumbing_with_stand_in_networks(setup, monkeypatch):
     stand_in = StandInInception()
     monkeypatch.setattr(eval_metrics, "try_load_fid_inception", lambda path, device: (stand_in, None))
-    monkeypatch.setattr(eval_metrics, "try_load_lpips", lambda path, device: (LPIPS(), None))
+    monkeypatch.setattr(eval_metrics, "try_load_lpips", lambda path, device: (StandInLPIPS(), None))
     report = run_evaluate(setup.cfg, run=str(setup.run), split="val", images=None, from_cache=False)
     for scope in (report, report["vae_ceiling"]):
         for metric in IMAGE_METRICS:
@@ -85,12 +85,14 @@ def test_fid_is_and_lpips_plumbing_with_stand_in_networks(setup, monkeypatch):
     tokenizer = RevqTokenizer.from_pretrained(setup.run / "tokenizer", device="cpu")
     vae = FrozenVAE.load(str(setup.vae), device="cpu")
     dataset = open_image_dataset(setup.images)
-    decoded = [_DecodedImages(dataset, RESOLUTION)[i] for i in range(len(dataset))]
+    decoded = [DecodedImages(dataset, RESOLUTION)[i] for i in range(len(dataset))]
     images = torch.stack([x for _, x, _ in decoded if x is not None])  # one batch, as the evaluation saw it
     rec = reconstruct(tokenizer, vae, images)
     real, fake = (stand_in(x).features.double().numpy() for x in (rec.original, rec.tokenizer))
     expected = frechet_distance(real.mean(0), np.cov(real, rowvar=False), fake.mean(0), np.cov(fake, rowvar=False))
     assert report["rfid"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    lpips = StandInLPIPS()(rec.original, rec.vae).double().mean().item()
+    assert report["vae_ceiling"]["lpips"] == pytest.approx(lpips, rel=1e-6)
 
 
 def test_latent_level_evaluation_from_cache(setup):

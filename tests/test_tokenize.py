@@ -19,7 +19,7 @@ from pipeline.images import to_uint8
 from pipeline.tokenizer import RevqTokenizer
 from pipeline.vae import FrozenVAE
 from stages.datasets import open_image_dataset
-from stages.encode import _DecodedImages
+from stages.datasets import DecodedImages
 from stages.eval_common import reconstruct
 from stages.tokenize import run_tokenize
 
@@ -53,7 +53,7 @@ def test_export_from_images_decodes_to_the_evaluation_reconstruction(setup, tmp_
     vae = FrozenVAE.load(str(setup.vae), device="cpu")
     tokenizer = RevqTokenizer.from_pretrained(setup.run / "tokenizer", vae=vae, device="cpu")
     dataset = open_image_dataset(setup.images)
-    decoded = [_DecodedImages(dataset, RESOLUTION)[i] for i in range(len(dataset))]
+    decoded = [DecodedImages(dataset, RESOLUTION)[i] for i in range(len(dataset))]
     rec = reconstruct(tokenizer, vae, torch.stack([x for _, x, _ in decoded if x is not None]))
     assert torch.equal(torch.from_numpy(ids.astype(np.int64)), rec.tokens.ids)
     assert torch.equal(to_uint8(tokenizer.decode(torch.from_numpy(ids.astype(np.int64)))), rec.tokenizer)
