@@ -159,7 +159,7 @@ class MultiGroupQuantizer(nn.Module):
 
     def _exact_nearest(self, points: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Float64 brute force for a few (point (n, d), position (n,)) pairs; first minimum wins."""
-        per_row = self.codebook_size * (self.token_dim * 16 + 8)  # float64 codes, differences, distances
+        per_row = self.codebook_size * (self.token_dim * 20 + 8)  # gathered codes, as float64, differences, distances
         step = max(1, int(self.search_memory_mb * 2**20) // per_row)
         out = []
         for start in range(0, points.shape[0], step):
