@@ -50,7 +50,7 @@ def _fail_cleanly(work: Callable[[], Any]) -> Any:
     except (ValueError, FileNotFoundError, FileExistsError, CacheError) as error:
         from stages.console import console
 
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
 
 
