@@ -145,6 +145,7 @@ def tokenize(
     images: Optional[str] = typer.Option(None, help="Tokenize these images through the VAE."),
     cache: Optional[str] = typer.Option(None, help="Tokenize the latents of this cache instead."),
     out: Optional[str] = typer.Option(None, help="Token store to write (tokenize.out)."),
+    vae: Optional[str] = typer.Option(None, help="Local VAE folder or hub id (vae.source)."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty target store."),
     config: Optional[Path] = ConfigOption,
     set_: Optional[list[str]] = SetOption,
@@ -152,7 +153,7 @@ def tokenize(
     """Export the token ids of a whole split to Zarr for generative models."""
     if images is not None and cache is not None:
         raise typer.BadParameter("pass either --images or --cache, not both", param_hint="--images/--cache")
-    flags = {"train.run": run, "tokenize.out": out}
+    flags = {"train.run": run, "tokenize.out": out, "vae.source": vae}
 
     def work():
         from stages.tokenize import run_tokenize
@@ -174,11 +175,15 @@ def tokenize(
 def tolerance(
     run: Optional[str] = typer.Option(None, help="Run directory holding tokenizer/ (train.run)."),
     images: Optional[str] = typer.Option(None, help="Validation images (default data.val_images)."),
+    vae: Optional[str] = typer.Option(None, help="Local VAE folder or hub id (vae.source)."),
+    fid_weights: Optional[str] = typer.Option(None, help="FID weights, to add rFID to the curve (eval.fid_weights)."),
+    lpips_weights: Optional[str] = typer.Option(None, help="LPIPS weights (eval.lpips_weights)."),
     config: Optional[Path] = ConfigOption,
     set_: Optional[list[str]] = SetOption,
 ) -> None:
     """Measure how much latent noise the frozen decoder tolerates, with the tokenizer on the curve."""
-    flags = {"train.run": run}
+    flags = {"train.run": run, "vae.source": vae, "eval.fid_weights": fid_weights,
+             "eval.lpips_weights": lpips_weights}
 
     def work():
         from stages.tolerance import run_tolerance

@@ -35,3 +35,13 @@ def test_encode_unknown_split_needs_paths():
     result = runner.invoke(app, ["encode", "--split", "test"])
     assert result.exit_code != 0
     assert "--images and --out" in result.output
+
+
+def test_missing_inputs_name_the_path(tmp_path):
+    missing = tmp_path / "no-such-images"
+    result = runner.invoke(app, ["encode", "--images", str(missing), "--out", str(tmp_path / "c.zarr")])
+    assert result.exit_code == 2 and str(missing) in result.output.replace("\n", "")
+    result = runner.invoke(app, ["train", "--train-cache", str(tmp_path / "t.zarr"),
+                                 "--val-cache", str(tmp_path / "v.zarr"), "--run", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "t.zarr" in result.output.replace("\n", "")
+    assert not (tmp_path / "c.zarr").exists()
