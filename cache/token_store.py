@@ -9,7 +9,7 @@ latent channel/rows/columns each position covers), the tokenizer identity (its d
 hash of model.safetensors), the VAE identity, where the ids came from, skipped inputs, and
 `complete`, set last.
 
-Writing is two-phase and resumable like the latent cache (cache/writer.py): units of
+Writing is two-phase and resumable like the latent cache (cache/staging.py): units of
 `chunk_size` consecutive inputs are staged atomically as STORE/_staging/unit_*.npz by whichever
 rank owns them (u % world_size == rank), then rank 0 assembles the arrays in unit order.
 """
@@ -17,23 +17,18 @@ rank owns them (u % world_size == rank), then rank 0 assembles the arrays in uni
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import zarr
 
-from cache.schema import STAGING_DIR, CacheError, package_version, small_compressors
-from cache.writer import read_store_attrs
+from cache.schema import CacheError, package_version, small_compressors
+from cache.staging import StagedWriter, read_store_attrs
 
 TOKEN_FORMAT = "revq-token-store"
 TOKEN_FORMAT_VERSION = 1
-_SPEC_FIELDS = ("split", "num_inputs", "chunk_size", "num_tokens", "codebook_size", "ids_dtype",
-                "layout", "tokenizer", "vae", "source")
 
 
 def ids_dtype(codebook_size: int) -> str:
@@ -41,16 +36,19 @@ def ids_dtype(codebook_size: int) -> str:
     return "uint16" if codebook_size <= 2**16 else "int32"
 
 
-class TokenWriter:
+class TokenWriter(StagedWriter):
     """Writes one split's token store; create it with `TokenWriter.open`."""
 
+    FORMAT = TOKEN_FORMAT
+    NOUN = "token store"
+    CONTENTS = "tokens"
+    OUT_HINT = "--out"
+    SPEC_FIELDS = ("split", "num_inputs", "chunk_size", "num_tokens", "codebook_size", "ids_dtype",
+                   "layout", "tokenizer", "vae", "source")
+
     def __init__(self, path: Path, attrs: dict[str, Any]) -> None:
-        self.path = path
+        super().__init__(path, attrs["num_inputs"], attrs["chunk_size"])
         self.attrs = attrs
-        self.num_inputs = attrs["num_inputs"]
-        self.chunk_size = attrs["chunk_size"]
-        self.num_units = math.ceil(self.num_inputs / self.chunk_size)
-        self._staging = path / STAGING_DIR
 
     @classmethod
     def open(
@@ -94,46 +92,12 @@ class TokenWriter:
                 "ids_dtype": ids_dtype(codebook_size), "layout": layout, "tokenizer": tokenizer, "vae": vae,
                 "source": source, "num_samples": 0, "package_version": package_version()}
         spec = json.loads(json.dumps(spec))  # tuples -> lists, so a stored spec compares equal
-        stored = read_store_attrs(path)
-        if not create:
-            if stored is None or stored.get("format") != TOKEN_FORMAT or stored.get("complete", True):
-                raise CacheError(f"no unfinished token store at {path} to attach to; rank 0 must call "
-                                 "TokenWriter.open(..., create=True) first")
-            if _spec_differences(stored, spec):
-                raise CacheError(f"the unfinished token store at {path} was started with other settings "
-                                 f"({'; '.join(_spec_differences(stored, spec))}); every rank must pass the same")
-            return cls(path, spec)
-        if path.exists() and not path.is_dir():
-            raise CacheError(f"{path} is a file, not a directory; choose another --out")
-        if path.is_dir() and any(path.iterdir()):
-            if stored is None:
-                raise CacheError(f"{path} is not empty and is not a Zarr store; refusing to write tokens into it "
-                                 "even with --overwrite. Choose a new or empty --out.")
-            resumable = stored.get("format") == TOKEN_FORMAT and not stored.get("complete", False)
-            if resumable and not _spec_differences(stored, spec):
-                return cls(path, spec)
-            if not overwrite:
-                what = ("an unfinished token store started with other settings "
-                        f"({'; '.join(_spec_differences(stored, spec))})" if resumable else
-                        f"a complete token store of {stored.get('num_samples')} images"
-                        if stored.get("format") == TOKEN_FORMAT else "a Zarr store that is not a token store")
-                raise CacheError(f"{path} holds {what}; pass --overwrite to replace it, or choose another --out")
-            shutil.rmtree(path)
-        group = zarr.open_group(path, mode="w")
-        group.attrs.update(spec)
-        (path / STAGING_DIR).mkdir()
+        cls._open_store(path, spec, overwrite=overwrite, create=create)
         return cls(path, spec)
 
-    def unit_range(self, u: int) -> tuple[int, int]:
-        """Input indices [start, stop) of work unit u."""
-        if not 0 <= u < self.num_units:
-            raise ValueError(f"unit {u} is out of range; this store has units 0..{self.num_units - 1}")
-        start = u * self.chunk_size
-        return start, min(start + self.chunk_size, self.num_inputs)
-
-    def pending_units(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Units this rank owns (u % world_size == rank) that are not staged yet."""
-        return [u for u in range(rank, self.num_units, world_size) if not self._unit_file(u).is_file()]
+    @classmethod
+    def _describe_complete(cls, stored: dict[str, Any]) -> str:
+        return f"a complete token store of {stored.get('num_samples')} images"
 
     def write_unit(self, u: int, ids: np.ndarray, labels: np.ndarray, keys: Sequence[str],
                    skipped: Sequence[tuple[str, str]] = ()) -> None:
@@ -150,26 +114,15 @@ class TokenWriter:
                   "keys": np.array(list(keys), dtype=str),
                   "skipped_keys": np.array([k for k, _ in skipped], dtype=str),
                   "skipped_reasons": np.array([r for _, r in skipped], dtype=str)}
-        self._staging.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._staging, prefix=f".unit_{u:06d}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, self._unit_file(u))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self._stage(u, arrays)
 
     def finalize(self) -> dict[str, Any]:
         """Assemble ids, labels and keys in unit order (rank 0, once every unit is staged); returns the attrs."""
-        missing = [u for u in range(self.num_units) if not self._unit_file(u).is_file()]
-        if missing:
-            raise CacheError(f"{len(missing)} of {self.num_units} units of {self.path} are not written yet "
-                             f"(first missing: {missing[:5]}); rerun with the same arguments to finish them")
+        self._require_all_staged("rerun with the same arguments to finish them")
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "labels", "keys", "skipped_keys",
                                                                "skipped_reasons")}
         for u in range(self.num_units):  # token ids are small: T * 2 bytes per image
-            with np.load(self._unit_file(u), allow_pickle=False) as part:
+            with self._load_unit(u) as part:
                 for name in parts:
                     parts[name].append(part[name])
         data = {name: np.concatenate(arrays) for name, arrays in parts.items()}
@@ -186,13 +139,8 @@ class TokenWriter:
         attrs = {**self.attrs, "num_samples": int(len(data["keys"])),
                  "skipped": {"count": int(len(data["skipped_keys"])), "keys": data["skipped_keys"].tolist(),
                              "reasons": data["skipped_reasons"].tolist()}}
-        group.attrs.update(attrs)
-        group.attrs["complete"] = True  # last: a reader never sees a half-written store as complete
-        shutil.rmtree(self._staging, ignore_errors=True)
+        self._mark_complete(group, attrs)
         return {**attrs, "complete": True}
-
-    def _unit_file(self, u: int) -> Path:
-        return self._staging / f"unit_{u:06d}.npz"
 
 
 class TokenStore:
@@ -230,8 +178,3 @@ class TokenStore:
 
     def keys(self) -> list[str]:
         return [str(k) for k in self._group["keys"][...].tolist()]
-
-
-def _spec_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    return [f"{name}: {stored.get(name)!r} -> {wanted[name]!r}" for name in _SPEC_FIELDS
-            if stored.get(name) != wanted[name]]

@@ -16,36 +16,35 @@ the staging parts and `complete` false, so running finalize again starts it over
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import zarr
 
-from cache.schema import (FORMAT, LATENT_DTYPES, STAGING_DIR, CacheError, CacheManifest,
-                          latent_compressors, small_compressors)
+from cache.schema import FORMAT, LATENT_DTYPES, CacheError, CacheManifest, latent_compressors, small_compressors
+from cache.staging import StagedWriter, read_store_attrs, spec_differences
 from cache.stats import MomentAccumulator
+
+__all__ = ["CacheWriter", "read_store_attrs"]  # read_store_attrs lives in cache.staging; re-exported here
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _WRITE_BLOCK_CHUNKS = 8  # chunks handed to Zarr per write call during finalize (Zarr writes them concurrently)
-_SPEC_FIELDS = ("split", "num_inputs", "latent_shape", "latent_dtype", "chunk_size", "vae", "image")
 
 
-class CacheWriter:
+class CacheWriter(StagedWriter):
     """Writes one split's latent cache; create it with `CacheWriter.open`."""
 
+    FORMAT = FORMAT
+    NOUN = "latent cache"
+    CONTENTS = "a cache"
+    SPEC_FIELDS = ("split", "num_inputs", "latent_shape", "latent_dtype", "chunk_size", "vae", "image")
+
     def __init__(self, path: Path, manifest: CacheManifest) -> None:
-        self.path = path
+        super().__init__(path, manifest.num_inputs, manifest.chunk_size)
         self.manifest = manifest  # complete=False, num_samples=0 until finalize
-        self.num_inputs = manifest.num_inputs
-        self.chunk_size = manifest.chunk_size
-        self.num_units = math.ceil(self.num_inputs / self.chunk_size)
-        self._staging = path / STAGING_DIR
 
     # ---- opening --------------------------------------------------------------------------------
 
@@ -85,30 +84,7 @@ class CacheWriter:
         path = Path(path)
         manifest = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe,
                                        chunk_size, latent_dtype)
-        attrs = read_store_attrs(path)
-        if not create:
-            if attrs is None or attrs.get("format") != FORMAT or attrs.get("complete", True):
-                raise CacheError(f"no unfinished latent cache at {path} to attach to; rank 0 must call "
-                                 "CacheWriter.open(..., create=True) before the other ranks")
-            _require_same_spec(path, attrs, manifest)
-            return cls(path, manifest)
-
-        if path.exists() and not path.is_dir():
-            raise CacheError(f"{path} is a file, not a directory; choose another output path")
-        if path.is_dir() and any(path.iterdir()):
-            if attrs is None:
-                raise CacheError(f"{path} is not empty and is not a Zarr store; refusing to write a cache "
-                                 "into it even with --overwrite. Choose a new or empty directory.")
-            resumable = attrs.get("format") == FORMAT and not attrs.get("complete", False)
-            if resumable and not _spec_differences(attrs, manifest):
-                return cls(path, manifest)
-            if not overwrite:
-                raise CacheError(_refusal(path, attrs, manifest, resumable))
-            shutil.rmtree(path)
-
-        group = zarr.open_group(path, mode="w")
-        group.attrs.update(manifest.to_attrs())
-        (path / STAGING_DIR).mkdir()
+        cls._open_store(path, manifest.to_attrs(), overwrite=overwrite, create=create)
         return cls(path, manifest)
 
     @staticmethod
@@ -125,28 +101,15 @@ class CacheWriter:
             return None
         wanted = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe,
                                      chunk_size, latent_dtype)
-        if _spec_differences(attrs, wanted):
+        if spec_differences(attrs, wanted.to_attrs(), CacheWriter.SPEC_FIELDS):
             return None
         return CacheManifest.from_attrs(attrs)
 
+    @classmethod
+    def _describe_complete(cls, stored: dict[str, Any]) -> str:
+        return f"a complete {stored.get('split')!r} cache of {stored.get('num_samples')} latents"
+
     # ---- phase one: staging ---------------------------------------------------------------------
-
-    @property
-    def num_staged(self) -> int:
-        """How many units are already staged (for a "resuming" log line)."""
-        return sum(self._is_staged(u) for u in range(self.num_units))
-
-    def unit_range(self, u: int) -> tuple[int, int]:
-        """Input indices [start, stop) of work unit u."""
-        self._check_unit(u)
-        start = u * self.chunk_size
-        return start, min(start + self.chunk_size, self.num_inputs)
-
-    def pending_units(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Units this rank owns (u % world_size == rank) that are not staged yet."""
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
-        return [u for u in range(rank, self.num_units, world_size) if not self._is_staged(u)]
 
     def write_unit(
         self,
@@ -177,32 +140,18 @@ class CacheWriter:
             "skipped_reasons": np.array([r for _, r in skipped], dtype=str),
         }
         arrays.update({f"stats_{k}": v for k, v in stats.state_dict().items()})
-        self._staging.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._staging, prefix=f".unit_{u:06d}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._unit_file(u))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self._stage(u, arrays)
 
     # ---- phase two: assembly --------------------------------------------------------------------
 
     def finalize(self) -> CacheManifest:
         """Assemble the final arrays from every staged unit (rank 0 only); returns the manifest."""
-        missing = [u for u in range(self.num_units) if not self._is_staged(u)]
-        if missing:
-            raise CacheError(f"{len(missing)} of {self.num_units} units of {self.path} are not written yet "
-                             f"(first missing: {missing[:5]}); finish encoding them (rerun with the same "
-                             "arguments) before finalize")
+        self._require_all_staged("finish encoding them (rerun with the same arguments) before finalize")
 
         # pass 1: sample count, statistics and skipped keys, all merged in unit order
         stats, skipped_keys, skipped_reasons = MomentAccumulator(), [], []
         for u in range(self.num_units):
-            with np.load(self._unit_file(u), allow_pickle=False) as part:
+            with self._load_unit(u) as part:
                 stats.merge(MomentAccumulator.from_state_dict(
                     {k[len("stats_"):]: part[k] for k in part.files if k.startswith("stats_")}))
                 skipped_keys += part["skipped_keys"].tolist()
@@ -218,7 +167,7 @@ class CacheWriter:
         pending: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
         buffered, written = 0, 0
         for u in range(self.num_units):
-            with np.load(self._unit_file(u), allow_pickle=False) as part:
+            with self._load_unit(u) as part:
                 for name in arrays:
                     pending[name].append(part[name])
                 buffered += len(part["labels"])
@@ -238,10 +187,8 @@ class CacheWriter:
         manifest = CacheManifest(**{**self.manifest.__dict__, "num_samples": stats.count, "complete": False,
                                     "skipped": {"count": len(skipped_keys), "keys": skipped_keys,
                                                 "reasons": skipped_reasons}})
-        group.attrs.update(manifest.to_attrs())
-        group.attrs["complete"] = True
+        self._mark_complete(group, manifest.to_attrs())
         manifest.complete = True
-        shutil.rmtree(self._staging, ignore_errors=True)
         return manifest
 
     # ---- helpers --------------------------------------------------------------------------------
@@ -257,16 +204,6 @@ class CacheWriter:
             "keys": group.create_array("keys", shape=(n,), chunks=(cs,), dtype=str,
                                        compressors=small_compressors(), overwrite=True),
         }
-
-    def _unit_file(self, u: int) -> Path:
-        return self._staging / f"unit_{u:06d}.npz"
-
-    def _is_staged(self, u: int) -> bool:
-        return self._unit_file(u).is_file()
-
-    def _check_unit(self, u: int) -> None:
-        if not (isinstance(u, (int, np.integer)) and 0 <= u < self.num_units):
-            raise ValueError(f"unit {u!r} is out of range; this cache has units 0..{self.num_units - 1}")
 
     def _validated_unit(self, u, size, latents, labels, keys, skipped):
         """Check one unit's inputs and return them as (stored latents, int32 labels, keys, skipped)."""
@@ -330,40 +267,3 @@ def _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_rec
     return CacheManifest(split=split, num_samples=0, latent_shape=tuple(int(s) for s in shape),
                          latent_dtype=latent_dtype, vae=dict(vae_identity), image=dict(image_recipe),
                          chunk_size=int(chunk_size), num_inputs=int(num_inputs))
-
-
-def read_store_attrs(path: Path) -> dict[str, Any] | None:
-    """The group attributes of a Zarr store at path, or None when there is none."""
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return None
-    try:
-        return dict(json.loads(meta.read_text()).get("attributes", {}))
-    except (OSError, ValueError):
-        return {}
-
-
-def _spec_differences(attrs: dict[str, Any], manifest: CacheManifest) -> list[str]:
-    """Spec fields whose stored value differs from the requested one, as 'name: stored -> requested'."""
-    wanted = json.loads(json.dumps(manifest.to_attrs()))
-    return [f"{name}: {attrs.get(name)!r} -> {wanted[name]!r}" for name in _SPEC_FIELDS
-            if attrs.get(name) != wanted[name]]
-
-
-def _require_same_spec(path: Path, attrs: dict[str, Any], manifest: CacheManifest) -> None:
-    diffs = _spec_differences(attrs, manifest)
-    if diffs:
-        raise CacheError(f"the unfinished cache at {path} was started with other settings ({'; '.join(diffs)}); "
-                         "every rank must pass the same arguments")
-
-
-def _refusal(path: Path, attrs: dict[str, Any], manifest: CacheManifest, resumable: bool) -> str:
-    """Why an existing store cannot be reused, and what to do."""
-    if resumable:
-        diffs = "; ".join(_spec_differences(attrs, manifest))
-        return (f"{path} holds an unfinished cache started with other settings ({diffs}); rerun with the "
-                "original settings to resume it, or pass --overwrite to discard it")
-    if attrs.get("format") == FORMAT:
-        return (f"{path} already holds a complete {attrs.get('split')!r} cache of {attrs.get('num_samples')} "
-                "latents; pass --overwrite to replace it, or choose another output path")
-    return f"{path} holds a Zarr store that is not a latent cache; pass --overwrite to replace it"

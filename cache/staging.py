@@ -1,0 +1,181 @@
+"""The staging mechanism shared by the resumable, multi-rank store writers.
+
+Both the latent cache (cache/writer.py) and the token store (cache/token_store.py) are written in
+two phases. Phase one cuts the inputs into work units of `chunk_size` consecutive indices; whoever
+owns unit u (u % world_size == rank) stages it as STORE/_staging/unit_000123.npz, written to a
+temporary file and renamed into place, so a unit is either fully there or absent and a killed run
+restarted with the same arguments redoes only what is missing. Phase two (rank 0) reads the units
+in unit order, never rank order, writes the final arrays, sets `complete` last and removes the
+staging parts.
+
+`StagedWriter` holds that mechanism: opening (create, resume an unfinished store with the same
+spec, or refuse / overwrite), unit bookkeeping, atomic staging and the finishing steps. Subclasses
+say what they store and how to check it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cache.schema import STAGING_DIR, CacheError
+
+
+def read_store_attrs(path: Path) -> dict[str, Any] | None:
+    """The group attributes of a Zarr store at path, or None when there is none."""
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return None
+    try:
+        return dict(json.loads(meta.read_text()).get("attributes", {}))
+    except (OSError, ValueError):
+        return {}
+
+
+def spec_differences(stored: dict[str, Any], wanted: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
+    """Spec fields whose stored value differs from the wanted one, as 'name: stored -> wanted'.
+
+    `wanted` is compared as JSON would store it (tuples become lists).
+    """
+    wanted = json.loads(json.dumps(wanted))
+    return [f"{name}: {stored.get(name)!r} -> {wanted[name]!r}" for name in fields
+            if stored.get(name) != wanted[name]]
+
+
+class StagedWriter:
+    """Base of a two-phase store writer; subclasses set the class attributes below."""
+
+    FORMAT: str = ""                 # the "format" attribute of the stores this writer makes
+    NOUN: str = "store"              # what the store is called in messages, e.g. "latent cache"
+    CONTENTS: str = "data"           # what is written into it, e.g. "a cache" or "tokens"
+    OUT_HINT: str = "output path"    # how the user names the store's path, e.g. "--out"
+    SPEC_FIELDS: tuple[str, ...] = ()  # attributes that must match to resume or attach
+
+    def __init__(self, path: Path, num_inputs: int, chunk_size: int) -> None:
+        self.path = path
+        self.num_inputs = num_inputs
+        self.chunk_size = chunk_size
+        self.num_units = math.ceil(num_inputs / chunk_size)
+        self._staging = path / STAGING_DIR
+
+    # ---- opening --------------------------------------------------------------------------------
+
+    @classmethod
+    def _describe_complete(cls, stored: dict[str, Any]) -> str:
+        """A phrase for a complete store of this kind, e.g. "a complete token store of 5 images"."""
+        return f"a complete {cls.NOUN} of {stored.get('num_samples')} samples"
+
+    @classmethod
+    def _open_store(cls, path: Path, attrs: dict[str, Any], *, overwrite: bool, create: bool) -> None:
+        """Make `path` a store to stage into: attach (create=False), resume, or create with `attrs`.
+
+        An unfinished store of this format whose spec fields equal `attrs` is resumed as it is; any
+        other non-empty directory is refused unless `overwrite` (never when it is not a Zarr store).
+        """
+        stored = read_store_attrs(path)
+        if not create:
+            if stored is None or stored.get("format") != cls.FORMAT or stored.get("complete", True):
+                raise CacheError(f"no unfinished {cls.NOUN} at {path} to attach to; rank 0 must call "
+                                 f"{cls.__name__}.open(..., create=True) before the other ranks")
+            diffs = spec_differences(stored, attrs, cls.SPEC_FIELDS)
+            if diffs:
+                raise CacheError(f"the unfinished {cls.NOUN} at {path} was started with other settings "
+                                 f"({'; '.join(diffs)}); every rank must pass the same arguments")
+            return
+
+        if path.exists() and not path.is_dir():
+            raise CacheError(f"{path} is a file, not a directory; choose another {cls.OUT_HINT}")
+        if path.is_dir() and any(path.iterdir()):
+            if stored is None:
+                raise CacheError(f"{path} is not empty and is not a Zarr store; refusing to write {cls.CONTENTS} "
+                                 f"into it even with --overwrite. Choose a new or empty {cls.OUT_HINT}.")
+            resumable = stored.get("format") == cls.FORMAT and not stored.get("complete", False)
+            diffs = spec_differences(stored, attrs, cls.SPEC_FIELDS)
+            if resumable and not diffs:
+                return
+            if not overwrite:
+                raise CacheError(cls._refusal(path, stored, resumable, diffs))
+            shutil.rmtree(path)
+
+        group = zarr.open_group(path, mode="w")
+        group.attrs.update(attrs)
+        (path / STAGING_DIR).mkdir()
+
+    @classmethod
+    def _refusal(cls, path: Path, stored: dict[str, Any], resumable: bool, diffs: list[str]) -> str:
+        """Why an existing store cannot be reused, and what to do."""
+        if resumable:
+            return (f"{path} holds an unfinished {cls.NOUN} started with other settings ({'; '.join(diffs)}); "
+                    "rerun with the original settings to resume it, or pass --overwrite to discard it")
+        if stored.get("format") == cls.FORMAT:
+            return (f"{path} already holds {cls._describe_complete(stored)}; pass --overwrite to replace it, "
+                    f"or choose another {cls.OUT_HINT}")
+        return (f"{path} holds a Zarr store that is not a {cls.NOUN}; pass --overwrite to replace it, "
+                f"or choose another {cls.OUT_HINT}")
+
+    # ---- phase one: staging ---------------------------------------------------------------------
+
+    @property
+    def num_staged(self) -> int:
+        """How many units are already staged (for a "resuming" log line)."""
+        return sum(self._is_staged(u) for u in range(self.num_units))
+
+    def unit_range(self, u: int) -> tuple[int, int]:
+        """Input indices [start, stop) of work unit u."""
+        if not (isinstance(u, (int, np.integer)) and 0 <= u < self.num_units):
+            raise ValueError(f"unit {u!r} is out of range; this {self.NOUN} has units 0..{self.num_units - 1}")
+        start = u * self.chunk_size
+        return start, min(start + self.chunk_size, self.num_inputs)
+
+    def pending_units(self, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Units this rank owns (u % world_size == rank) that are not staged yet."""
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+        return [u for u in range(rank, self.num_units, world_size) if not self._is_staged(u)]
+
+    def _stage(self, u: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write unit u's arrays to its staging part atomically (temporary file, fsync, rename)."""
+        self._staging.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self._staging, prefix=f".unit_{u:06d}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._unit_file(u))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def _unit_file(self, u: int) -> Path:
+        return self._staging / f"unit_{u:06d}.npz"
+
+    def _is_staged(self, u: int) -> bool:
+        return self._unit_file(u).is_file()
+
+    # ---- phase two: assembly --------------------------------------------------------------------
+
+    def _require_all_staged(self, hint: str) -> None:
+        """CacheError naming the missing units unless every unit is staged; `hint` says what to do."""
+        missing = [u for u in range(self.num_units) if not self._is_staged(u)]
+        if missing:
+            raise CacheError(f"{len(missing)} of {self.num_units} units of {self.path} are not written yet "
+                             f"(first missing: {missing[:5]}); {hint}")
+
+    def _load_unit(self, u: int):
+        """Unit u's staged arrays (an NpzFile; use it as a context manager)."""
+        return np.load(self._unit_file(u), allow_pickle=False)
+
+    def _mark_complete(self, group: zarr.Group, attrs: dict[str, Any]) -> None:
+        """Write the final attributes, then `complete` last, then drop the staging parts."""
+        group.attrs.update(attrs)
+        group.attrs["complete"] = True  # last: a reader never sees a half-written store as complete
+        shutil.rmtree(self._staging, ignore_errors=True)
