@@ -5,7 +5,7 @@ Sizes: latents 32x8x8, T=512 tokens of d=4, K=16,384 codes per position, rectifi
         reference does it);
     (b) step: quantize + codebook loss + rectifier forward/backward + AdamW on both parameter groups
         (METHOD.md's learning rates and weight decay) with gradient clipping to 1.0 per group.
-        Ours: MultiGroupQuantizer.forward and fused AdamW; baseline: the cdist loop, advanced indexing
+        Ours: the training loop's own step (stages.train_loop.train_step, fused AdamW); baseline: the cdist loop, advanced indexing
         and the default AdamW. Both start from the same weights and see the same batch.
 Prints samples/s side by side (median over the timed iterations, after warm-up). The defaults keep a
 run on 2 busy CPU cores near 2 minutes; raise --iters / --baseline-iters for steadier numbers.
@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.device import resolve_device
+from pipeline.normalizer import LatentNormalizer
 from pipeline.quantizer import MultiGroupQuantizer
 from pipeline.rectifier import PRESETS, build_rectifier
+from stages.train_loop import TrainParts, build_optimizer, train_step
 
 LATENT_SHAPE = (32, 8, 8)
 NUM_TOKENS, CODEBOOK_SIZE = 512, 16384
@@ -38,10 +40,10 @@ def baseline_nearest(tokens: torch.Tensor, codebooks: torch.Tensor) -> torch.Ten
     return torch.stack([torch.cdist(tokens[:, t], codebooks[t]).argmin(-1) for t in range(codebooks.shape[0])], 1)
 
 
-def make_optimizer(codebooks: torch.nn.Parameter, rectifier: torch.nn.Module, fused: bool) -> torch.optim.AdamW:
+def make_baseline_optimizer(codebooks: torch.nn.Parameter, rectifier: torch.nn.Module) -> torch.optim.AdamW:
     groups = [{"params": [codebooks], "lr": CODEBOOK_LR, "weight_decay": 0.0},
               {"params": list(rectifier.parameters()), "lr": RECTIFIER_LR, "weight_decay": RECTIFIER_WD}]
-    return torch.optim.AdamW(groups, fused=fused or None)
+    return torch.optim.AdamW(groups)
 
 
 def optimizer_step(optimizer: torch.optim.AdamW, loss: torch.Tensor) -> None:
@@ -54,21 +56,26 @@ def optimizer_step(optimizer: torch.optim.AdamW, loss: torch.Tensor) -> None:
 
 
 class OurStep:
+    """The training loop's own step (stages.train_loop.train_step) on already standardized latents."""
+
     def __init__(self, quantizer: MultiGroupQuantizer, rectifier: torch.nn.Module) -> None:
-        self.quantizer, self.rectifier = quantizer, rectifier
-        self.optimizer = make_optimizer(quantizer.codebooks, rectifier, fused=True)
+        channels = quantizer.latent_shape
+        identity = LatentNormalizer(torch.zeros(channels), torch.ones(channels)).to(quantizer.codebooks.device)
+        optimizer = build_optimizer(quantizer.codebooks, list(rectifier.parameters()), codebook_lr=CODEBOOK_LR,
+                                    codebook_weight_decay=0.0, rectifier_lr=RECTIFIER_LR,
+                                    rectifier_weight_decay=RECTIFIER_WD)
+        self.parts = TrainParts(normalizer=identity, quantizer=quantizer, rectifier=rectifier, rectify=rectifier,
+                                optimizer=optimizer, train_rectifier=True, grad_clip=GRAD_CLIP, bf16=False)
 
     def __call__(self, z: torch.Tensor) -> None:
-        out = self.quantizer(z)
-        loss = out.codebook_loss + F.mse_loss(self.rectifier(out.quantized.detach()), z)
-        optimizer_step(self.optimizer, loss)
+        train_step(self.parts, z)
 
 
 class BaselineStep:
     def __init__(self, codebooks: torch.Tensor, rectifier: torch.nn.Module) -> None:
         self.codebooks = torch.nn.Parameter(codebooks.detach().clone())  # (T, K, d)
         self.rectifier = rectifier
-        self.optimizer = make_optimizer(self.codebooks, rectifier, fused=False)
+        self.optimizer = make_baseline_optimizer(self.codebooks, rectifier)
 
     def __call__(self, z: torch.Tensor) -> None:
         tokens = z.reshape(z.shape[0], NUM_TOKENS, -1)  # (B, T, d)
@@ -125,7 +132,7 @@ def main() -> None:
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"device {device}{threads}, torch {torch.__version__}, batch {batch}, T={NUM_TOKENS} d={quantizer.token_dim}"
           f" K={CODEBOOK_SIZE}, rectifier 512x3 ({sum(p.numel() for p in rectifier.parameters()) / 1e6:.2f} M)")
-    print(f"ours: nearest() (search plan {quantizer.search_plan(batch)}) and fused AdamW; "
+    print(f"ours: nearest() (search plan {quantizer.search_plan(batch)}) and train_loop.train_step with fused AdamW; "
           "baseline: per-position cdist + argmin loop, default AdamW")
     print(f"{'':<8}{'ours/s':>14}{'baseline/s':>14}{'speedup':>11}")
 

@@ -25,8 +25,8 @@ from stages.checkpoint import (CHECKPOINT_NAME, METRICS_NAME, append_metrics, pr
 from stages.config import RevqConfig
 from stages.console import log
 from stages.distributed import DistContext, init_distributed, shutdown_distributed
-from stages.train_loop import (INIT_STREAM, RESET_STREAM, LatentSource, TrainParts, derived_generator, lr_factor,
-                               train_epoch, validate)
+from stages.train_loop import (INIT_STREAM, RESET_STREAM, LatentSource, TrainParts, build_optimizer,
+                               derived_generator, lr_factor, train_epoch, validate)
 
 TOKENIZER_DIR = "tokenizer"
 _INIT_CANDIDATES_PER_CODE = 2  # the codebook init draws from min(N, 2K) training latents
@@ -83,10 +83,9 @@ def _train(cfg: RevqConfig, ctx: DistContext) -> Path:
     if tc.compile and rect_params:
         rectify = torch.compile(rectify)
 
-    groups = [{"params": [quantizer.codebooks], "lr": tc.codebook_lr, "weight_decay": tc.codebook_weight_decay}]
-    if rect_params:
-        groups.append({"params": rect_params, "lr": tc.rectifier_lr, "weight_decay": tc.rectifier_weight_decay})
-    optimizer = torch.optim.AdamW(groups)
+    optimizer = build_optimizer(quantizer.codebooks, rect_params, codebook_lr=tc.codebook_lr,
+                                codebook_weight_decay=tc.codebook_weight_decay, rectifier_lr=tc.rectifier_lr,
+                                rectifier_weight_decay=tc.rectifier_weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda epoch: lr_factor(epoch, tc.epochs, tc.final_lr_fraction))
     parts = TrainParts(normalizer=normalizer, quantizer=quantizer, rectifier=rectifier, rectify=rectify,

@@ -151,46 +151,65 @@ class NonFiniteLossError(ValueError):
     """Training produced a NaN or infinite loss."""
 
 
+def build_optimizer(codebooks: torch.nn.Parameter, rect_params: list[torch.nn.Parameter], *, codebook_lr: float,
+                    codebook_weight_decay: float, rectifier_lr: float, rectifier_weight_decay: float
+                    ) -> torch.optim.AdamW:
+    """AdamW with one group for the codebooks and one for the rectifier (none for kind "none").
+
+    The fused implementation steps all parameters in one kernel (about 3x faster on CPU here).
+    """
+    groups = [{"params": [codebooks], "lr": codebook_lr, "weight_decay": codebook_weight_decay}]
+    if rect_params:
+        groups.append({"params": rect_params, "lr": rectifier_lr, "weight_decay": rectifier_weight_decay})
+    return torch.optim.AdamW(groups, fused=True)
+
+
+def train_step(parts: TrainParts, batch: torch.Tensor, ctx: DistContext | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step on raw latents (B, C, H, W); returns (loss, quant MSE, rect MSE), detached."""
+    q, opt = parts.quantizer, parts.optimizer
+    z = parts.normalizer.normalize(batch)  # (B, C, H, W) standardized
+    out = q(z)
+    parts.count_usage(out.ids)
+    loss = out.codebook_loss
+    if parts.train_rectifier:
+        rect_mse = F.mse_loss(parts.rectifier_output(out.quantized.detach(), parts.rectify), z)
+        loss = loss + rect_mse
+    else:  # the identity rectifier: its MSE is the quantization MSE
+        rect_mse = out.codebook_loss.detach()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if ctx is not None and ctx.is_distributed:  # DDP averages the rectifier; keep every rank's codebooks identical
+        ctx.all_reduce_sum_(q.codebooks.grad).div_(ctx.world_size)
+    if parts.grad_clip > 0:  # clipped separately for codebooks and rectifier, as the reference does
+        torch.nn.utils.clip_grad_norm_([q.codebooks], parts.grad_clip)
+        rect_params = [p for p in parts.rectifier.parameters() if p.requires_grad]
+        if rect_params:
+            torch.nn.utils.clip_grad_norm_(rect_params, parts.grad_clip)
+    opt.step()
+    return loss.detach(), out.codebook_loss.detach(), rect_mse.detach()
+
+
 def train_epoch(parts: TrainParts, batches: Iterator[torch.Tensor], *, epoch: int, step: int,
                 ctx: DistContext, log_every: int, log_prefix: str) -> dict[str, float]:
     """One pass over this rank's batches; returns the epoch's mean MSEs (all ranks) and step/sample counts."""
-    q, opt = parts.quantizer, parts.optimizer
-    codebook_params = [q.codebooks]
-    rect_params = [p for p in parts.rectifier.parameters() if p.requires_grad]
-    device = q.codebooks.device
+    device = parts.quantizer.codebooks.device
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # quant MSE, rect MSE summed over steps
     window = torch.zeros(3, dtype=torch.float64, device=device)  # the same + steps since the last log line
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first step with a non-finite loss
     steps = samples = 0
     start = last = time.perf_counter()
     for batch in batches:
-        z = parts.normalizer.normalize(batch)  # (B, C, H, W) standardized
-        out = q(z)
-        parts.count_usage(out.ids)
-        loss = out.codebook_loss
-        if parts.train_rectifier:
-            rect_mse = F.mse_loss(parts.rectifier_output(out.quantized.detach(), parts.rectify), z)
-            loss = loss + rect_mse
-        else:  # the identity rectifier: its MSE is the quantization MSE
-            rect_mse = out.codebook_loss.detach()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if ctx.is_distributed:  # DDP averages the rectifier; keep every rank's codebooks identical too
-            ctx.all_reduce_sum_(q.codebooks.grad).div_(ctx.world_size)
-        if parts.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(codebook_params, parts.grad_clip)
-            if rect_params:
-                torch.nn.utils.clip_grad_norm_(rect_params, parts.grad_clip)
-        opt.step()
+        loss, quant_mse, rect_mse = train_step(parts, batch, ctx)
 
         step += 1
         steps += 1
         samples += batch.shape[0]
-        pair = torch.stack([out.codebook_loss.detach(), rect_mse.detach()]).double()
+        pair = torch.stack([quant_mse, rect_mse]).double()
         sums += pair
         window[:2] += pair
         window[2] += 1
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         if step % log_every == 0:
             _raise_if_non_finite(first_bad, epoch, ctx)
             now = time.perf_counter()
