@@ -131,9 +131,11 @@ class TrainParts:
     grad_clip: float
     bf16: bool  # autocast the rectifier to bfloat16 (CUDA only)
     counts: torch.Tensor = field(init=False)  # (T, K) int64 code usage of the running epoch
+    rect_params: list[torch.nn.Parameter] = field(init=False)  # clipped as one group every step
 
     def __post_init__(self) -> None:
         q = self.quantizer
+        self.rect_params = [p for p in self.rectifier.parameters() if p.requires_grad]
         self.counts = torch.zeros(q.num_tokens, q.codebook_size, dtype=torch.int64, device=q.codebooks.device)
         self._offsets = torch.arange(q.num_tokens, device=q.codebooks.device) * q.codebook_size  # (T,)
 
@@ -183,9 +185,8 @@ def train_step(parts: TrainParts, batch: torch.Tensor, ctx: DistContext | None =
         ctx.all_reduce_sum_(q.codebooks.grad).div_(ctx.world_size)
     if parts.grad_clip > 0:  # clipped separately for codebooks and rectifier, as the reference does
         torch.nn.utils.clip_grad_norm_([q.codebooks], parts.grad_clip)
-        rect_params = [p for p in parts.rectifier.parameters() if p.requires_grad]
-        if rect_params:
-            torch.nn.utils.clip_grad_norm_(rect_params, parts.grad_clip)
+        if parts.rect_params:
+            torch.nn.utils.clip_grad_norm_(parts.rect_params, parts.grad_clip)
     opt.step()
     return loss.detach(), out.codebook_loss.detach(), rect_mse.detach()
 
