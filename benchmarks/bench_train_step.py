@@ -3,12 +3,17 @@
 Sizes: latents 32x8x8, T=512 tokens of d=4, K=16,384 codes per position, rectifier 512x3 (14.07 M).
     (a) search: MultiGroupQuantizer.nearest vs a per-position torch.cdist + argmin loop (how the
         reference does it);
-    (b) step: quantize + codebook loss + rectifier forward/backward + AdamW on both parameter groups
+    (b) rectifier: forward + backward of the rectifier alone; ours evaluates diffusers' blocks
+        channels-last (EfficientViTRectifier.forward), the baseline through diffusers' own NCHW forward;
+    (c) step: quantize + codebook loss + rectifier forward/backward + AdamW on both parameter groups
         (METHOD.md's learning rates and weight decay) with gradient clipping to 1.0 per group.
-        Ours: the training loop's own step (stages.train_loop.train_step, fused AdamW); baseline: the cdist loop, advanced indexing
-        and the default AdamW. Both start from the same weights and see the same batch.
-Prints samples/s side by side (median over the timed iterations, after warm-up). The defaults keep a
-run on 2 busy CPU cores near 2 minutes; raise --iters / --baseline-iters for steadier numbers.
+        Ours: the training loop's own step (stages.train_loop.train_step, fused AdamW); baseline: the
+        cdist loop, advanced indexing, diffusers' forward and the default AdamW. Both start from the same
+        weights and see the same batch.
+Prints samples/s side by side (median over the timed iterations, after warm-up), then the floor this
+machine puts under any fp32 implementation of the step: the rectifier's conv/linear FLOPs over the
+measured fp32 matmul rate. The defaults keep a run on 2 busy CPU cores near 3 minutes; raise --iters /
+--baseline-iters for steadier numbers.
 
     .venv/bin/python benchmarks/bench_train_step.py [--batch-size 64] [--device auto]
 """
@@ -82,9 +87,34 @@ class BaselineStep:
         with torch.no_grad():
             ids = baseline_nearest(tokens, self.codebooks)
         codes = self.codebooks[torch.arange(NUM_TOKENS, device=z.device), ids]  # (B, T, d)
-        rectified = self.rectifier(codes.detach().reshape(z.shape))
+        rectified = self.rectifier.forward_reference(codes.detach().reshape(z.shape))
         loss = F.mse_loss(codes, tokens) + F.mse_loss(rectified, z)
         optimizer_step(self.optimizer, loss)
+
+
+def rectifier_backward(forward: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> None:
+    """Forward and backward of the rectifier alone (the gradients accumulate; only the time matters)."""
+    F.mse_loss(forward(z), z).backward()
+
+
+def matmul_flops(model: torch.nn.Module, rows: int) -> int:
+    """Forward FLOPs of every conv and linear layer over `rows` = B*H*W positions (same padding)."""
+    flops = 0
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            flops += 2 * rows * layer.in_features * layer.out_features
+        elif isinstance(layer, torch.nn.Conv2d):
+            taps = layer.kernel_size[0] * layer.kernel_size[1]
+            flops += 2 * rows * layer.in_channels // layer.groups * layer.out_channels * taps
+    return flops
+
+
+def matmul_rate(rows: int, width: int, device: torch.device) -> float:
+    """Best fp32 FLOP/s of a (rows, width) x (width, 4 width) matmul, the rectifier's largest layer shape."""
+    a = torch.randn(rows, width, device=device)
+    b = torch.randn(width, 4 * width, device=device)
+    best = min(timed(lambda: a @ b, 8, device)[2:])
+    return 2 * rows * width * 4 * width / best
 
 
 def timed(fn: Callable[[], object], iters: int, device: torch.device) -> list[float]:
@@ -101,6 +131,18 @@ def timed(fn: Callable[[], object], iters: int, device: torch.device) -> list[fl
     return times
 
 
+def timed_pair(ours: Callable[[], object], base: Callable[[], object], ours_iters: int, base_iters: int,
+               device: torch.device) -> tuple[list[float], list[float]]:
+    """Seconds per call of both, interleaved call by call so that a change in machine load hits both alike."""
+    ours_times, base_times = [], []
+    for i in range(max(ours_iters, base_iters)):
+        if i < ours_iters:
+            ours_times += timed(ours, 1, device)
+        if i < base_iters:
+            base_times += timed(base, 1, device)
+    return ours_times, base_times
+
+
 def report(name: str, batch: int, ours: list[float], base: list[float]) -> None:
     ours_rate, base_rate = batch / statistics.median(ours), batch / statistics.median(base)
     print(f"{name:<8}{ours_rate:>14,.1f}{base_rate:>14,.1f}{ours_rate / base_rate:>10.1f}x   "
@@ -112,8 +154,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--iters", type=int, default=2, help="timed steps of ours (its search: this + 2)")
-    parser.add_argument("--baseline-iters", type=int, default=1, help="timed searches and steps of the baseline")
+    parser.add_argument("--iters", type=int, default=3, help="timed calls of ours in each section")
+    parser.add_argument("--baseline-iters", type=int, default=2,
+                        help="timed searches and steps of the baseline (its rectifier: --iters)")
     parser.add_argument("--search-memory-mb", type=float, default=256)
     args = parser.parse_args()
 
@@ -139,21 +182,38 @@ def main() -> None:
     # --- (a) search alone ---------------------------------------------------------------------
     expected = quantizer.nearest(tokens)  # warm-up
     baseline_nearest(tokens[:, :32], quantizer.codebooks.detach()[:32])  # warm-up (a slice: it is slow)
-    ours_search = timed(lambda: quantizer.nearest(tokens), args.iters + 2, device)
-    base_search = timed(lambda: baseline_nearest(tokens, quantizer.codebooks.detach()), args.baseline_iters, device)
+    ours_search, base_search = timed_pair(lambda: quantizer.nearest(tokens),
+                                          lambda: baseline_nearest(tokens, quantizer.codebooks.detach()),
+                                          args.iters, args.baseline_iters, device)
     mismatches = int((baseline_nearest(tokens[:, :64], quantizer.codebooks.detach()[:64]) != expected[:, :64]).sum())
     report("search", batch, ours_search, base_search)
 
-    # --- (b) full training step ---------------------------------------------------------------
-    ours(z[:8])  # warm-up on a slice for both: optimizer state, allocator (a full baseline step takes ~20 s)
-    base(z[:8])
-    ours_step = timed(lambda: ours(z), args.iters, device)
-    base_step = timed(lambda: base(z), args.baseline_iters, device)
+    # --- (b) rectifier forward + backward alone ---------------------------------------------
+    reference_rectifier = base.rectifier
+    rectifier_backward(rectifier, z)  # warm-up at full size: the allocator's first large buffers are slow
+    rectifier_backward(reference_rectifier.forward_reference, z)
+    ours_rect, base_rect = timed_pair(lambda: rectifier_backward(rectifier, z),
+                                      lambda: rectifier_backward(reference_rectifier.forward_reference, z),
+                                      args.iters, args.iters, device)
+    report("rectify", batch, ours_rect, base_rect)
+
+    # --- (c) full training step ---------------------------------------------------------------
+    ours(z)  # warm-up for both: optimizer state, allocator
+    base(z)
+    ours_step, base_step = timed_pair(lambda: ours(z), lambda: base(z), args.iters, args.baseline_iters, device)
     report("step", batch, ours_step, base_step)
     rest = statistics.median(ours_step) - statistics.median(ours_search)
     print(f"ours step = search {statistics.median(ours_search):.2f} s + rest (codebook loss, rectifier fwd/bwd, "
           f"AdamW) {rest:.2f} s per batch; baseline ids that differ from ours on 64 positions: {mismatches} "
           "(cdist's float32 matmul form can round near ties the other way)")
+
+    # --- the floor: the rectifier's matmul work at this machine's fp32 matmul rate ---------------
+    rows = batch * LATENT_SHAPE[1] * LATENT_SHAPE[2]
+    work = 3 * matmul_flops(rectifier, rows)  # backward = gradients of inputs and of weights, 2x forward
+    rate = matmul_rate(rows, PRESETS["512T"].width, device)
+    print(f"floor: the rectifier's convs and linears take {work / 1e9:.0f} GFLOP per batch forward+backward; "
+          f"fp32 matmul here peaks at {rate / 1e9:.0f} GFLOP/s, so no fp32 implementation of this step runs "
+          f"faster than {work / rate:.2f} s per batch ({batch * rate / work:.1f} samples/s) on this device")
 
 
 if __name__ == "__main__":

@@ -62,3 +62,28 @@ def test_invalid_specs_are_refused():
         EfficientViTRectifier(4, 16, 1, head_dim=5)
     with pytest.raises(ValueError, match="kind='mlp'"):
         build_rectifier(RectifierSpec(kind="mlp"), 4)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("size", [4, 2])  # 4x4 = 16 > head_dim: linear attention; 2x2: diffusers' quadratic branch
+def test_channels_last_forward_matches_the_diffusers_forward(residual, size):
+    torch.manual_seed(0)
+    rectifier = EfficientViTRectifier(8, 64, 2, head_dim=8, residual=residual)
+    with torch.no_grad():  # a last layer that is not zero, so every parameter gets a gradient
+        rectifier.conv_out.weight.normal_(0.0, 0.1)
+    x = torch.randn(3, 8, size, size)
+    target = torch.randn_like(x)
+
+    def value_and_grads(forward):
+        rectifier.zero_grad()
+        y = forward(x)
+        torch.nn.functional.mse_loss(y, target).backward()
+        return y.detach(), [p.grad.clone() for p in rectifier.parameters()]
+
+    ours, our_grads = value_and_grads(rectifier)
+    theirs, their_grads = value_and_grads(rectifier.forward_reference)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for (name, _), mine, reference in zip(rectifier.named_parameters(), our_grads, their_grads):
+        scale = reference.abs().max().item()
+        assert scale > 0, f"{name} got no gradient"
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-4 * scale, msg=name)
