@@ -37,6 +37,7 @@ from stages.train_loop import TrainParts, build_optimizer, train_step
 
 LATENT_SHAPE = (32, 8, 8)
 NUM_TOKENS, CODEBOOK_SIZE = 512, 16384
+EPOCHS, IMAGENET_TRAIN = 100, 1_281_167  # METHOD.md's schedule
 CODEBOOK_LR, RECTIFIER_LR, RECTIFIER_WD, GRAD_CLIP = 1e-2, 5e-4, 1e-4, 1.0
 
 
@@ -63,14 +64,16 @@ def optimizer_step(optimizer: torch.optim.AdamW, loss: torch.Tensor) -> None:
 class OurStep:
     """The training loop's own step (stages.train_loop.train_step) on already standardized latents."""
 
-    def __init__(self, quantizer: MultiGroupQuantizer, rectifier: torch.nn.Module) -> None:
+    def __init__(self, quantizer: MultiGroupQuantizer, rectifier: torch.nn.Module, bf16: bool = False,
+                 compile: bool = False) -> None:
         channels = quantizer.latent_shape
         identity = LatentNormalizer(torch.zeros(channels), torch.ones(channels)).to(quantizer.codebooks.device)
         optimizer = build_optimizer(quantizer.codebooks, list(rectifier.parameters()), codebook_lr=CODEBOOK_LR,
                                     codebook_weight_decay=0.0, rectifier_lr=RECTIFIER_LR,
                                     rectifier_weight_decay=RECTIFIER_WD)
-        self.parts = TrainParts(normalizer=identity, quantizer=quantizer, rectifier=rectifier, rectify=rectifier,
-                                optimizer=optimizer, train_rectifier=True, grad_clip=GRAD_CLIP, bf16=False)
+        rectify = torch.compile(rectifier) if compile else rectifier  # as train.compile does
+        self.parts = TrainParts(normalizer=identity, quantizer=quantizer, rectifier=rectifier, rectify=rectify,
+                                optimizer=optimizer, train_rectifier=True, grad_clip=GRAD_CLIP, bf16=bf16)
 
     def __call__(self, z: torch.Tensor) -> None:
         train_step(self.parts, z)
@@ -158,10 +161,14 @@ def main() -> None:
     parser.add_argument("--baseline-iters", type=int, default=2,
                         help="timed searches and steps of the baseline (its rectifier: --iters)")
     parser.add_argument("--search-memory-mb", type=float, default=256)
+    parser.add_argument("--bf16", action="store_true", help="our step with the rectifier in bf16 autocast (CUDA only)")
+    parser.add_argument("--compile", action="store_true", help="our step with the rectifier under torch.compile")
     args = parser.parse_args()
 
     # --- setup: identical weights and batch for both -------------------------------------------
     device = resolve_device(args.device)
+    if args.bf16 and device.type != "cuda":
+        parser.error(f"--bf16 autocasts on CUDA only, and the device is {device}; drop --bf16 or pass --device cuda")
     batch = args.batch_size
     torch.manual_seed(0)
     quantizer = MultiGroupQuantizer(LATENT_SHAPE, NUM_TOKENS, CODEBOOK_SIZE,
@@ -171,12 +178,14 @@ def main() -> None:
         rectifier.conv_out.weight.normal_(0.0, 1e-3)
     z = torch.randn(batch, *LATENT_SHAPE, device=device)  # standardized latents
     tokens = quantizer.to_tokens(z)
-    ours, base = OurStep(quantizer, rectifier), BaselineStep(quantizer.codebooks, copy.deepcopy(rectifier))
+    ours = OurStep(quantizer, rectifier, bf16=args.bf16, compile=args.compile)
+    base = BaselineStep(quantizer.codebooks, copy.deepcopy(rectifier))
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"device {device}{threads}, torch {torch.__version__}, batch {batch}, T={NUM_TOKENS} d={quantizer.token_dim}"
           f" K={CODEBOOK_SIZE}, rectifier 512x3 ({sum(p.numel() for p in rectifier.parameters()) / 1e6:.2f} M)")
-    print(f"ours: nearest() (search plan {quantizer.search_plan(batch)}) and train_loop.train_step with fused AdamW; "
-          "baseline: per-position cdist + argmin loop, default AdamW")
+    print(f"ours: nearest() (search plan {quantizer.search_plan(batch)}) and train_loop.train_step with fused AdamW"
+          f" (rectifier in the step: bf16 {args.bf16}, compile {args.compile}; the rectify row is fp32 eager); "
+          "baseline: per-position cdist + argmin loop, diffusers' forward, default AdamW")
     print(f"{'':<8}{'ours/s':>14}{'baseline/s':>14}{'speedup':>11}")
 
     # --- (a) search alone ---------------------------------------------------------------------
@@ -206,6 +215,9 @@ def main() -> None:
     print(f"ours step = search {statistics.median(ours_search):.2f} s + rest (codebook loss, rectifier fwd/bwd, "
           f"AdamW) {rest:.2f} s per batch; baseline ids that differ from ours on 64 positions: {mismatches} "
           "(cdist's float32 matmul form can round near ties the other way)")
+    hours = EPOCHS * IMAGENET_TRAIN / (batch / statistics.median(ours_step)) / 3600
+    print(f"at our step rate, {EPOCHS} epochs of 512T over the {IMAGENET_TRAIN:,} ImageNet train latents take "
+          f"{hours:,.1f} h on this device (batch {batch}; the target on one H100: under 2 h)")
 
     # --- the floor: the rectifier's matmul work at this machine's fp32 matmul rate ---------------
     rows = batch * LATENT_SHAPE[1] * LATENT_SHAPE[2]
