@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from pipeline.device import resolve_device
 from pipeline.normalizer import LatentNormalizer
 from pipeline.quantizer import MultiGroupQuantizer
-from pipeline.rectifier import PRESETS, build_rectifier
+from pipeline.rectifier import build_rectifier
+from pipeline.rectifier_spec import PRESETS
 from stages.train_loop import TrainParts, build_optimizer, train_step
 
 LATENT_SHAPE = (32, 8, 8)

@@ -17,8 +17,6 @@ is diffusers' own NCHW forward: the definition the tests hold `forward` to (valu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import SanaMultiscaleLinearAttention
@@ -27,26 +25,7 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.sana_transformer import GLUMBConv
 from torch import nn
 
-KINDS = ("vit", "none")
-
-
-@dataclass
-class RectifierSpec:
-    """What to build. kind "vit" is the EfficientViT rectifier; "none" is the identity (no parameters)."""
-
-    kind: str = "vit"
-    width: int = 512
-    depth: int = 3
-    head_dim: int = 32
-    residual: bool = True
-
-
-# METHOD.md's presets (32 latent channels): rectifier parameters 14.07 M, 72.97 M and 18.66 M
-PRESETS = {
-    "512T": RectifierSpec(kind="vit", width=512, depth=3, head_dim=32),
-    "256T-B": RectifierSpec(kind="vit", width=1024, depth=4, head_dim=32),
-    "256T-L": RectifierSpec(kind="vit", width=512, depth=4, head_dim=32),
-}
+from pipeline.rectifier_spec import KINDS, RectifierSpec
 
 
 class EfficientViTRectifier(nn.Module):

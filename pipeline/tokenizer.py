@@ -25,7 +25,8 @@ from torch import nn
 from pipeline.device import resolve_device
 from pipeline.normalizer import LatentNormalizer
 from pipeline.quantizer import MultiGroupQuantizer
-from pipeline.rectifier import RectifierSpec, build_rectifier
+from pipeline.rectifier import build_rectifier
+from pipeline.rectifier_spec import RectifierSpec
 
 if TYPE_CHECKING:
     from pipeline.vae import FrozenVAE

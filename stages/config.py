@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.rectifier_spec import KINDS, RectifierSpec
+
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message says how to fix it."""
@@ -60,15 +62,6 @@ class QuantizerConfig:
     reset_fraction: float = 0.2
     reset_noise: float = 0.1
     search_memory_mb: int = 256
-
-
-@dataclass
-class RectifierConfig:
-    kind: str = "vit"
-    width: int = 512
-    depth: int = 3
-    head_dim: int = 32
-    residual: bool = True
 
 
 @dataclass
@@ -119,7 +112,7 @@ class RevqConfig:
     vae: VaeConfig = field(default_factory=VaeConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
-    rectifier: RectifierConfig = field(default_factory=RectifierConfig)
+    rectifier: RectifierSpec = field(default_factory=RectifierSpec)  # the rectifier library's own spec
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
@@ -128,7 +121,7 @@ class RevqConfig:
 
 CHOICES = {
     "quantizer.init": ("sample", "kmeans++"),
-    "rectifier.kind": ("vit", "none"),
+    "rectifier.kind": KINDS,
     "train.data_on_device": ("auto", "always", "never"),
     "encode.latent_dtype": ("float16", "float32"),
 }

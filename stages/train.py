@@ -18,7 +18,7 @@ import torch.distributed as dist
 from cache.reader import LatentCache
 from pipeline.normalizer import LatentNormalizer
 from pipeline.quantizer import MultiGroupQuantizer, codebook_usage, perplexity
-from pipeline.rectifier import RectifierSpec, build_rectifier
+from pipeline.rectifier import build_rectifier
 from pipeline.tokenizer import RevqTokenizer
 from stages.checkpoint import (CHECKPOINT_NAME, METRICS_NAME, append_metrics, prepare_run_dir, rng_state,
                                save_checkpoint, set_rng_state)
@@ -70,9 +70,7 @@ def _train(cfg: RevqConfig, ctx: DistContext) -> Path:
     # --- model --------------------------------------------------------------------------------
     quantizer = MultiGroupQuantizer(latent_shape, qc.num_tokens, qc.codebook_size,
                                     search_memory_mb=qc.search_memory_mb).to(device)
-    spec = RectifierSpec(kind=cfg.rectifier.kind, width=cfg.rectifier.width, depth=cfg.rectifier.depth,
-                         head_dim=cfg.rectifier.head_dim, residual=cfg.rectifier.residual)
-    rectifier = build_rectifier(spec, latent_shape[0]).to(device)
+    rectifier = build_rectifier(cfg.rectifier, latent_shape[0]).to(device)
     rect_params = [p for p in rectifier.parameters() if p.requires_grad]
     if checkpoint is None:
         _init_codebooks(quantizer, normalizer, train_data, cfg, ctx)
@@ -101,7 +99,7 @@ def _train(cfg: RevqConfig, ctx: DistContext) -> Path:
         start_epoch, step, elapsed = checkpoint["epoch"], checkpoint["step"], checkpoint["elapsed_s"]
         log(f"resuming {run} after epoch {start_epoch} (step {step})")
     log(f"model: T={qc.num_tokens} tokens of d={quantizer.token_dim}, K={qc.codebook_size} codes per position "
-        f"({quantizer.codebooks.numel():,} codebook params), rectifier {spec.kind} "
+        f"({quantizer.codebooks.numel():,} codebook params), rectifier {cfg.rectifier.kind} "
         f"{sum(p.numel() for p in rect_params):,} params; {steps_per_epoch} steps/epoch x {ctx.world_size} "
         f"rank(s), batch {tc.batch_size} per rank, device {device}")
 
@@ -147,7 +145,7 @@ def _train(cfg: RevqConfig, ctx: DistContext) -> Path:
     if ctx.is_main:
         tokenizer = RevqTokenizer(
             normalizer, quantizer, rectifier,
-            config={"rectifier": dataclasses.asdict(spec), "search_memory_mb": qc.search_memory_mb, "normalizer": {
+            config={"rectifier": dataclasses.asdict(cfg.rectifier), "search_memory_mb": qc.search_memory_mb, "normalizer": {
                 "statistics": "per-element population mean and std of the training cache",
                 "train_cache": str(train_cache.path), "num_samples": train_cache.num_samples}},
             vae_identity=train_cache.manifest.vae, image_recipe=train_cache.manifest.image)

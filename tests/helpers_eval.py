@@ -22,7 +22,8 @@ from helpers_vae import make_tiny_vae
 from pipeline.metrics import InceptionOutput
 from pipeline.normalizer import LatentNormalizer
 from pipeline.quantizer import MultiGroupQuantizer
-from pipeline.rectifier import RectifierSpec, build_rectifier
+from pipeline.rectifier import build_rectifier
+from pipeline.rectifier_spec import RectifierSpec
 from pipeline.tokenizer import RevqTokenizer
 from stages.config import RevqConfig, load_config
 from stages.encode import run_encode

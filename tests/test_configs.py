@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.rectifier import RectifierSpec, build_rectifier
+from pipeline.rectifier import build_rectifier
+from pipeline.rectifier_spec import RectifierSpec
 from stages.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.rectifier import PRESETS, EfficientViTRectifier, RectifierSpec, build_rectifier
+from pipeline.rectifier import EfficientViTRectifier, build_rectifier
+from pipeline.rectifier_spec import PRESETS, RectifierSpec
 
 TINY = RectifierSpec(kind="vit", width=16, depth=1, head_dim=8)
 
@@ -87,3 +88,16 @@ def test_channels_last_forward_matches_the_diffusers_forward(residual, size):
         scale = reference.abs().max().item()
         assert scale > 0, f"{name} got no gradient"
         torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
+def test_channels_last_forward_matches_the_diffusers_forward_under_bf16_autocast():
+    # the dtype handling that CUDA training (train.bf16) relies on, exercised through CPU autocast
+    torch.manual_seed(0)
+    rectifier = EfficientViTRectifier(8, 64, 2, head_dim=8)
+    with torch.no_grad():
+        rectifier.conv_out.weight.normal_(0.0, 0.1)
+    x = torch.randn(3, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = rectifier(x), rectifier.forward_reference(x)
+    assert ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=2e-2, atol=2e-2)

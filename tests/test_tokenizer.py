@@ -11,7 +11,8 @@ import torch
 from helpers_vae import make_tiny_vae
 from pipeline.normalizer import LatentNormalizer
 from pipeline.quantizer import MultiGroupQuantizer
-from pipeline.rectifier import RectifierSpec, build_rectifier
+from pipeline.rectifier import build_rectifier
+from pipeline.rectifier_spec import RectifierSpec
 from pipeline.tokenizer import RevqTokenizer
 from pipeline.vae import FrozenVAE
 
