@@ -15,7 +15,7 @@ machine puts under any fp32 implementation of the step: the rectifier's conv/lin
 measured fp32 matmul rate. The defaults keep a run on 2 busy CPU cores near 3 minutes; raise --iters /
 --baseline-iters for steadier numbers.
 
-    .venv/bin/python benchmarks/bench_train_step.py [--batch-size 64] [--device auto]
+    .venv/bin/python benchmarks/bench_train_step.py [--batch-size 64] [--device auto] [--bf16] [--compile]
 """
 
 from __future__ import annotations

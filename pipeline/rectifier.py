@@ -69,7 +69,7 @@ class EfficientViTRectifier(nn.Module):
         """(B, C, H, W) -> (B, C, H, W), the blocks evaluated channels-last."""
         if x.shape[-2] * x.shape[-1] <= self.head_dim:  # diffusers switches to quadratic attention here
             return self.forward_reference(x)
-        h = _to_nhwc(self._stem(x)).contiguous()  # (B, H, W, W)
+        h = _to_nhwc(self._stem(x)).contiguous()  # (B, H, W, width)
         for block in self.blocks:
             h = _glumbconv_nhwc(block.conv_out, _linear_attention_nhwc(block.attn, h))
         return self._head(x, h)
@@ -82,10 +82,10 @@ class EfficientViTRectifier(nn.Module):
         return self._head(x, _to_nhwc(h))
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_in(x) + x.repeat_interleave(self.repeats, dim=1)  # (B, W, H, W)
+        return self.conv_in(x) + x.repeat_interleave(self.repeats, dim=1)  # (B, width, H, W)
 
     def _head(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Channels-last features (B, H, W, W) -> the output (B, C, H, W)."""
+        """Channels-last features (B, H, W, width) -> the output (B, C, H, W)."""
         h = self.act_out(self.norm_out(h))  # RMSNorm over channels
         h = self.conv_out(_to_nchw(h)).contiguous()  # (B, C, H, W)
         return x + h if self.residual else h
