@@ -23,9 +23,9 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from cache.reader import LatentCache
-from cache.schema import LATENT_CODEC, latent_compressors
-from cache.writer import CacheWriter
+from revq_pipe.cache.reader import LatentCache
+from revq_pipe.cache.schema import LATENT_CODEC, latent_compressors
+from revq_pipe.cache.writer import CacheWriter
 
 CODECS = {
     "none": [],

@@ -23,13 +23,12 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from pipeline.images import decode_image, preprocess  # noqa: E402
-from pipeline.vae import FrozenVAE  # noqa: E402
-from stages.config import load_config  # noqa: E402
-from stages.datasets import open_image_dataset  # noqa: E402
-from stages.encode import run_encode  # noqa: E402
+from revq_pipe.pipeline.images import decode_image, preprocess  # noqa: E402
+from revq_pipe.pipeline.vae import FrozenVAE  # noqa: E402
+from revq_pipe.stages.config import load_config  # noqa: E402
+from revq_pipe.stages.datasets import open_image_dataset  # noqa: E402
+from revq_pipe.stages.encode import run_encode  # noqa: E402
 
 
 def generate_images(folder: Path, count: int, size: int, seed: int = 0) -> None:

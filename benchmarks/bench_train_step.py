@@ -29,12 +29,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from pipeline.device import resolve_device
-from pipeline.normalizer import LatentNormalizer
-from pipeline.quantizer import MultiGroupQuantizer
-from pipeline.rectifier import build_rectifier
-from pipeline.rectifier_spec import PRESETS
-from stages.train_loop import TrainParts, build_optimizer, train_step
+from revq_pipe.pipeline.device import resolve_device
+from revq_pipe.pipeline.normalizer import LatentNormalizer
+from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
+from revq_pipe.pipeline.rectifier import build_rectifier
+from revq_pipe.pipeline.rectifier_spec import PRESETS
+from revq_pipe.stages.train_loop import TrainParts, build_optimizer, train_step
 
 LATENT_SHAPE = (32, 8, 8)
 NUM_TOKENS, CODEBOOK_SIZE = 512, 16384

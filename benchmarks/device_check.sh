@@ -19,7 +19,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cli() { $PY -m stages.cli "$@"; }
+cli() { $PY -m revq_pipe.stages.cli "$@"; }
 
 echo "== (1) device"
 if [ "$DEVICE" = cuda ]; then nvidia-smi -L; fi

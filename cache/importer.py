@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from cache.schema import CacheManifest, unknown_vae_identity
-from cache.writer import CacheWriter
+from revq_pipe.cache.schema import CacheManifest, unknown_vae_identity
+from revq_pipe.cache.writer import CacheWriter
 
 IMPORTED_IMAGE_RECIPE = {"resolution": None, "resize": None, "crop": None, "value_range": None, "note": "imported"}
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import zarr
 
-from cache.schema import FORMAT, FORMAT_VERSION, STAGING_DIR, CacheError, CacheManifest
+from revq_pipe.cache.schema import FORMAT, FORMAT_VERSION, STAGING_DIR, CacheError, CacheManifest
 
 _LOAD_BLOCK_ROWS = 16384  # rows read per step by load_latents (bounds the host copy when loading onto a GPU)
 

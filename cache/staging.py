@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from cache.schema import STAGING_DIR, CacheError
+from revq_pipe.cache.schema import STAGING_DIR, CacheError
 
 
 def read_store_attrs(path: Path) -> dict[str, Any] | None:

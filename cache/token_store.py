@@ -24,8 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
-from cache.schema import CacheError, package_version, small_compressors
-from cache.staging import StagedWriter, read_store_attrs
+from revq_pipe.cache.schema import CacheError, package_version, small_compressors
+from revq_pipe.cache.staging import StagedWriter, read_store_attrs
 
 TOKEN_FORMAT = "revq-token-store"
 TOKEN_FORMAT_VERSION = 1

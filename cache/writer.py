@@ -24,9 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
-from cache.schema import FORMAT, LATENT_DTYPES, CacheError, CacheManifest, latent_compressors, small_compressors
-from cache.staging import StagedWriter, read_store_attrs, spec_differences
-from cache.stats import MomentAccumulator
+from revq_pipe.cache.schema import FORMAT, LATENT_DTYPES, CacheError, CacheManifest, latent_compressors, small_compressors
+from revq_pipe.cache.staging import StagedWriter, read_store_attrs, spec_differences
+from revq_pipe.cache.stats import MomentAccumulator
 
 __all__ = ["CacheWriter", "read_store_attrs"]  # read_store_attrs lives in cache.staging; re-exported here
 

@@ -1,0 +1,27 @@
+"""The tokenizer as a library: VAE wrapper, normalizer, quantizer, rectifier, RevqTokenizer, metrics.
+
+Installed as `revq_pipe.pipeline`; `from revq_pipe.pipeline import RevqTokenizer` is the entry point.
+Names are resolved on first use (PEP 562), so importing a light module such as `rectifier_spec`
+does not pull in torch and diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "RevqTokenizer": "tokenizer",
+    "FrozenVAE": "vae",
+    "LatentNormalizer": "normalizer",
+    "MultiGroupQuantizer": "quantizer",
+    "RectifierSpec": "rectifier_spec",
+    "build_rectifier": "rectifier",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"revq_pipe.pipeline.{_EXPORTS[name]}"), name)

@@ -25,7 +25,7 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.sana_transformer import GLUMBConv
 from torch import nn
 
-from pipeline.rectifier_spec import KINDS, RectifierSpec
+from revq_pipe.pipeline.rectifier_spec import KINDS, RectifierSpec
 
 
 class EfficientViTRectifier(nn.Module):

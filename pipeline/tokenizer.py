@@ -22,14 +22,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.device import resolve_device
-from pipeline.normalizer import LatentNormalizer
-from pipeline.quantizer import MultiGroupQuantizer
-from pipeline.rectifier import build_rectifier
-from pipeline.rectifier_spec import RectifierSpec
+from revq_pipe.pipeline.device import resolve_device
+from revq_pipe.pipeline.normalizer import LatentNormalizer
+from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
+from revq_pipe.pipeline.rectifier import build_rectifier
+from revq_pipe.pipeline.rectifier_spec import RectifierSpec
 
 if TYPE_CHECKING:
-    from pipeline.vae import FrozenVAE
+    from revq_pipe.pipeline.vae import FrozenVAE
 
 TOKENIZER_FORMAT = "revq-tokenizer"
 TOKENIZER_FORMAT_VERSION = 1
@@ -217,7 +217,7 @@ class RevqTokenizer(nn.Module):
     def vae(self) -> "FrozenVAE":
         """The frozen VAE, loaded on first use from the given or the recorded source."""
         if self._vae is None:
-            from pipeline.vae import FrozenVAE
+            from revq_pipe.pipeline.vae import FrozenVAE
 
             source = self._vae_source or self.vae_identity.get("source")
             if not source:

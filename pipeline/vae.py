@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderDC, AutoencoderKL
 
-from pipeline.device import resolve_device
+from revq_pipe.pipeline.device import resolve_device
 
 VAE_CLASSES = {"AutoencoderDC": AutoencoderDC, "AutoencoderKL": AutoencoderKL}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

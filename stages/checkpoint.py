@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import yaml
 
-from stages.config import RevqConfig, config_to_dict, save_config
-from stages.distributed import DistContext
+from revq_pipe.stages.config import RevqConfig, config_to_dict, save_config
+from revq_pipe.stages.distributed import DistContext
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CONFIG_NAME = "config.yaml"

@@ -12,8 +12,8 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from stages.config import RevqConfig, load_config
-from stages.console import is_main_process
+from revq_pipe.stages.config import RevqConfig, load_config
+from revq_pipe.stages.console import is_main_process
 
 app = typer.Typer(
     help="Turn a frozen image VAE into a discrete visual tokenizer (ReVQ) on cached latents.",
@@ -43,12 +43,12 @@ def _split_paths(split: str) -> tuple[str, str]:
 
 def _fail_cleanly(work: Callable[[], Any]) -> Any:
     """Run a stage; expected failures become one red line and exit code 2, not a traceback."""
-    from cache.schema import CacheError
+    from revq_pipe.cache.schema import CacheError
 
     try:
         return work()
     except (ValueError, FileNotFoundError, FileExistsError, CacheError) as error:
-        from stages.console import console
+        from revq_pipe.stages.console import console
 
         console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
@@ -75,7 +75,7 @@ def encode(
         flags.update({images_key: images, cache_key: out})
 
     def work():
-        from stages.encode import run_encode
+        from revq_pipe.stages.encode import run_encode
 
         cfg = _config(config, set_, flags)
         run_encode(
@@ -103,7 +103,7 @@ def train(
              "train.epochs": epochs}
 
     def work():
-        from stages.train import run_train
+        from revq_pipe.stages.train import run_train
 
         run_train(_config(config, set_, flags))
 
@@ -128,7 +128,7 @@ def evaluate(
              "eval.lpips_weights": lpips_weights, "eval.limit": limit}
 
     def work():
-        from stages.evaluate import run_evaluate
+        from revq_pipe.stages.evaluate import run_evaluate
 
         cfg = _config(config, set_, flags)
         report = run_evaluate(cfg, run=cfg.train.run, split=split, images=images, from_cache=from_cache)
@@ -156,7 +156,7 @@ def tokenize(
     flags = {"train.run": run, "tokenize.out": out, "vae.source": vae}
 
     def work():
-        from stages.tokenize import run_tokenize
+        from revq_pipe.stages.tokenize import run_tokenize
 
         cfg = _config(config, set_, flags)
         source_images = images
@@ -186,7 +186,7 @@ def tolerance(
              "eval.lpips_weights": lpips_weights}
 
     def work():
-        from stages.tolerance import run_tolerance
+        from revq_pipe.stages.tolerance import run_tolerance
 
         cfg = _config(config, set_, flags)
         path = run_tolerance(cfg, run=cfg.train.run, images=images or cfg.data.val_images)
@@ -202,7 +202,7 @@ def cache_info(
     """Print a cache's manifest and statistics."""
 
     def work():
-        from cache.reader import cache_info as describe
+        from revq_pipe.cache.reader import cache_info as describe
 
         typer.echo(json.dumps(describe(store), indent=2, default=str))
 
@@ -223,12 +223,12 @@ def cache_import(
     """Build a latent cache from latents extracted elsewhere, without re-encoding."""
 
     def work():
-        from cache.importer import import_tensor
+        from revq_pipe.cache.importer import import_tensor
 
         cfg = _config(config, set_, {"vae.source": vae})
         identity = None
         if vae is not None:
-            from pipeline.vae import FrozenVAE
+            from revq_pipe.pipeline.vae import FrozenVAE
 
             identity = FrozenVAE.load(cfg.vae.source, device="cpu").identity
         manifest = import_tensor(src, out, split=split, labels_path=labels, vae_identity=identity,
@@ -248,7 +248,7 @@ def demo_images(
     """Write the demo's train and val images (webdataset shards and folders)."""
 
     def work():
-        from stages.demo import write_demo_images
+        from revq_pipe.stages.demo import write_demo_images
 
         cfg = _config(config, set_, {})
         summary = write_demo_images(Path(out or f"{cfg.paths.root}/demo/images"))
@@ -268,7 +268,7 @@ def demo_train_vae(
     """Train the small demo AutoencoderDC that the embedded demo encodes with."""
 
     def work():
-        from stages.demo import train_demo_vae
+        from revq_pipe.stages.demo import train_demo_vae
 
         cfg = _config(config, set_, {})
         summary = train_demo_vae(Path(images or f"{cfg.paths.root}/demo/images/train"), Path(out), steps=steps)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.rectifier_spec import KINDS, RectifierSpec
+from revq_pipe.pipeline.rectifier_spec import KINDS, RectifierSpec
 
 
 class ConfigError(ValueError):

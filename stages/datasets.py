@@ -29,7 +29,7 @@ from braceexpand import braceexpand
 from torch.utils.data import Dataset
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, preprocess
+from revq_pipe.pipeline.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, preprocess
 
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample holds several
 TAR_LABEL_EXTENSION = "cls"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from stages.console import log
+from revq_pipe.stages.console import log
 
 # ---------------------------------------------------------------------------------------------
 # Demo images

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pipeline.device import resolve_device
+from revq_pipe.pipeline.device import resolve_device
 
 
 @dataclass

@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from cache.schema import CacheManifest
-from cache.writer import CacheWriter
-from pipeline.images import recipe
-from pipeline.vae import FrozenVAE
-from stages.config import RevqConfig, save_config
-from stages.console import log, progress
-from stages.datasets import DecodedImages, ImageDataset, collate_decoded, open_image_dataset
-from stages.distributed import DistContext, init_distributed, run_on_main, shutdown_distributed
+from revq_pipe.cache.schema import CacheManifest
+from revq_pipe.cache.writer import CacheWriter
+from revq_pipe.pipeline.images import recipe
+from revq_pipe.pipeline.vae import FrozenVAE
+from revq_pipe.stages.config import RevqConfig, save_config
+from revq_pipe.stages.console import log, progress
+from revq_pipe.stages.datasets import DecodedImages, ImageDataset, collate_decoded, open_image_dataset
+from revq_pipe.stages.distributed import DistContext, init_distributed, run_on_main, shutdown_distributed
 
 _SKIPPED_LISTED = 20  # skipped keys printed at the end; the store records all of them
 

@@ -11,15 +11,15 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.images import to_uint8
-from pipeline.tokenizer import WEIGHTS_NAME, RevqTokenizer
-from pipeline.vae import FrozenVAE
-from stages.config import RevqConfig
-from stages.console import log
-from stages.datasets import ImageDataset
-from stages.distributed import DistContext
+from revq_pipe.pipeline.images import to_uint8
+from revq_pipe.pipeline.tokenizer import WEIGHTS_NAME, RevqTokenizer
+from revq_pipe.pipeline.vae import FrozenVAE
+from revq_pipe.stages.config import RevqConfig
+from revq_pipe.stages.console import log
+from revq_pipe.stages.datasets import ImageDataset
+from revq_pipe.stages.distributed import DistContext
 # stage one's decode-in-worker dataset and collate: evaluation reads images exactly like encoding
-from stages.datasets import DecodedImages, collate_decoded
+from revq_pipe.stages.datasets import DecodedImages, collate_decoded
 
 TOKENIZER_DIR = "tokenizer"
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pipeline.metrics import (FeatureStats, InceptionOutput, InceptionScoreStats, fid_from_stats, psnr_rgb, psnr_y,
+from revq_pipe.pipeline.metrics import (FeatureStats, InceptionOutput, InceptionScoreStats, fid_from_stats, psnr_rgb, psnr_y,
                               ssim, try_load_fid_inception, try_load_lpips)
-from pipeline.metrics.inception import FEATURE_DIM, NUM_CLASSES
-from stages.distributed import DistContext
+from revq_pipe.pipeline.metrics.inception import FEATURE_DIM, NUM_CLASSES
+from revq_pipe.stages.distributed import DistContext
 
 FID_BACKEND = "revq-pipe FID InceptionV3 (pt_inception-2015-12-05)"
 IMAGE_METRICS = ("rfid", "inception_score", "psnr", "psnr_y", "ssim", "lpips")

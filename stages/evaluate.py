@@ -22,19 +22,19 @@ import torch
 import torch.distributed as dist
 import zarr
 
-from cache.reader import LatentCache
-from cache.schema import CacheError
-from pipeline.quantizer import codebook_usage, count_ids, perplexity
-from pipeline.tokenizer import RevqTokenizer
-from stages.config import RevqConfig, save_config
-from stages.console import log, progress
-from stages.datasets import open_image_dataset
-from stages.distributed import DistContext, init_distributed, shutdown_distributed
-from stages.eval_common import (add_latent_errors, image_batches, load_matching_vae, load_tokenizer,
+from revq_pipe.cache.reader import LatentCache
+from revq_pipe.cache.schema import CacheError
+from revq_pipe.pipeline.quantizer import codebook_usage, count_ids, perplexity
+from revq_pipe.pipeline.tokenizer import RevqTokenizer
+from revq_pipe.stages.config import RevqConfig, save_config
+from revq_pipe.stages.console import log, progress
+from revq_pipe.stages.datasets import open_image_dataset
+from revq_pipe.stages.distributed import DistContext, init_distributed, shutdown_distributed
+from revq_pipe.stages.eval_common import (add_latent_errors, image_batches, load_matching_vae, load_tokenizer,
                                 rank_batches, reconstruct, resolution_of, tokenize_latents, tokenizer_identity)
-from stages.eval_metrics import (FID_BACKEND, IMAGE_METRICS, INCEPTION_SPLITS, ReconstructionMetrics,
+from revq_pipe.stages.eval_metrics import (FID_BACKEND, IMAGE_METRICS, INCEPTION_SPLITS, ReconstructionMetrics,
                                  load_metric_networks)
-from stages.grid import write_grid
+from revq_pipe.stages.grid import write_grid
 
 FROM_CACHE_REASON = "latent-level evaluation (--from-cache)"
 PSNR_NOTE = ("psnr is RGB PSNR over all three channels (peak 255), not the reference code's PSNR, which measures "

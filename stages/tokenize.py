@@ -19,17 +19,17 @@ import torch
 import torch.distributed as dist
 import zarr
 
-from cache.reader import LatentCache
-from cache.schema import CacheError
-from cache.token_store import TokenWriter
-from pipeline.images import recipe
-from pipeline.tokenizer import RevqTokenizer
-from stages.config import RevqConfig, save_config
-from stages.console import log, progress
-from stages.datasets import open_image_dataset
-from stages.distributed import DistContext, init_distributed, shutdown_distributed
-from stages.distributed import run_on_main
-from stages.eval_common import image_batches, load_matching_vae, load_tokenizer, resolution_of, tokenizer_identity
+from revq_pipe.cache.reader import LatentCache
+from revq_pipe.cache.schema import CacheError
+from revq_pipe.cache.token_store import TokenWriter
+from revq_pipe.pipeline.images import recipe
+from revq_pipe.pipeline.tokenizer import RevqTokenizer
+from revq_pipe.stages.config import RevqConfig, save_config
+from revq_pipe.stages.console import log, progress
+from revq_pipe.stages.datasets import open_image_dataset
+from revq_pipe.stages.distributed import DistContext, init_distributed, shutdown_distributed
+from revq_pipe.stages.distributed import run_on_main
+from revq_pipe.stages.eval_common import image_batches, load_matching_vae, load_tokenizer, resolution_of, tokenizer_identity
 
 CACHE_NOTE = ("ids computed from cached latents, which are rounded to the cache's dtype: a few ids can differ from "
               "those of the image path (VAE encoder in float32)")

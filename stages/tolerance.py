@@ -22,14 +22,14 @@ import torch.distributed as dist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pipeline.images import to_uint8
-from stages.config import RevqConfig, save_config
-from stages.console import log, progress
-from stages.datasets import open_image_dataset
-from stages.distributed import DistContext, init_distributed, shutdown_distributed
-from stages.eval_common import (add_latent_errors, image_batches, load_matching_vae, load_tokenizer, rank_batches,
+from revq_pipe.pipeline.images import to_uint8
+from revq_pipe.stages.config import RevqConfig, save_config
+from revq_pipe.stages.console import log, progress
+from revq_pipe.stages.datasets import open_image_dataset
+from revq_pipe.stages.distributed import DistContext, init_distributed, shutdown_distributed
+from revq_pipe.stages.eval_common import (add_latent_errors, image_batches, load_matching_vae, load_tokenizer, rank_batches,
                                 reconstruct, resolution_of, tokenizer_identity)
-from stages.eval_metrics import FID_BACKEND, ReconstructionMetrics, load_metric_networks
+from revq_pipe.stages.eval_metrics import FID_BACKEND, ReconstructionMetrics, load_metric_networks
 
 TOKENIZER_POINTS = ("quantized", "rectified")
 TOLERANCE_METRICS = ("psnr", "ssim", "rfid", "lpips")

@@ -15,17 +15,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cache.reader import LatentCache
-from pipeline.normalizer import LatentNormalizer
-from pipeline.quantizer import MultiGroupQuantizer, codebook_usage, perplexity
-from pipeline.rectifier import build_rectifier
-from pipeline.tokenizer import RevqTokenizer
-from stages.checkpoint import (CHECKPOINT_NAME, METRICS_NAME, append_metrics, prepare_run_dir, rng_state,
+from revq_pipe.cache.reader import LatentCache
+from revq_pipe.pipeline.normalizer import LatentNormalizer
+from revq_pipe.pipeline.quantizer import MultiGroupQuantizer, codebook_usage, perplexity
+from revq_pipe.pipeline.rectifier import build_rectifier
+from revq_pipe.pipeline.tokenizer import RevqTokenizer
+from revq_pipe.stages.checkpoint import (CHECKPOINT_NAME, METRICS_NAME, append_metrics, prepare_run_dir, rng_state,
                                save_checkpoint, set_rng_state)
-from stages.config import RevqConfig
-from stages.console import log
-from stages.distributed import DistContext, init_distributed, shutdown_distributed
-from stages.train_loop import (INIT_STREAM, RESET_STREAM, LatentSource, TrainParts, build_optimizer,
+from revq_pipe.stages.config import RevqConfig
+from revq_pipe.stages.console import log
+from revq_pipe.stages.distributed import DistContext, init_distributed, shutdown_distributed
+from revq_pipe.stages.train_loop import (INIT_STREAM, RESET_STREAM, LatentSource, TrainParts, build_optimizer,
                                derived_generator, lr_factor, train_epoch, validate)
 
 TOKENIZER_DIR = "tokenizer"

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cache.reader import LatentCache
-from pipeline.normalizer import LatentNormalizer
-from pipeline.quantizer import MultiGroupQuantizer
-from stages.console import log
-from stages.distributed import DistContext
+from revq_pipe.cache.reader import LatentCache
+from revq_pipe.pipeline.normalizer import LatentNormalizer
+from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
+from revq_pipe.stages.console import log
+from revq_pipe.stages.distributed import DistContext
 
 # Independent random streams derived from (seed, stream, epoch): each is reproducible on its own,
 # so resuming at an epoch boundary replays exactly what an uninterrupted run would have done.

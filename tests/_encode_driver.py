@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache.writer import CacheWriter  # noqa: E402
-from stages.config import load_config  # noqa: E402
-from stages.encode import run_encode  # noqa: E402
+from revq_pipe.cache.writer import CacheWriter  # noqa: E402
+from revq_pipe.stages.config import load_config  # noqa: E402
+from revq_pipe.stages.encode import run_encode  # noqa: E402
 
 
 def main() -> None:

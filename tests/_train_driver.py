@@ -18,11 +18,10 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import stages.train as train  # noqa: E402
-from stages.config import load_config  # noqa: E402
-from stages.train_loop import LatentSource  # noqa: E402
+import revq_pipe.stages.train as train  # noqa: E402
+from revq_pipe.stages.config import load_config  # noqa: E402
+from revq_pipe.stages.train_loop import LatentSource  # noqa: E402
 
 
 def kill_mid_epoch(epoch: int, batches: int) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cache.writer import CacheWriter
+from revq_pipe.cache.writer import CacheWriter
 
 SHAPE = (4, 2, 3)  # (C, H, W): small, with H != W to catch transposes
 VAE = {"source": "tests/tiny-vae", "class": "AutoencoderKL", "weights_sha256": "ab" * 32}

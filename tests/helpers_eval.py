@@ -17,16 +17,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from cache.reader import LatentCache
+from revq_pipe.cache.reader import LatentCache
 from helpers_vae import make_tiny_vae
-from pipeline.metrics import InceptionOutput
-from pipeline.normalizer import LatentNormalizer
-from pipeline.quantizer import MultiGroupQuantizer
-from pipeline.rectifier import build_rectifier
-from pipeline.rectifier_spec import RectifierSpec
-from pipeline.tokenizer import RevqTokenizer
-from stages.config import RevqConfig, load_config
-from stages.encode import run_encode
+from revq_pipe.pipeline.metrics import InceptionOutput
+from revq_pipe.pipeline.normalizer import LatentNormalizer
+from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
+from revq_pipe.pipeline.rectifier import build_rectifier
+from revq_pipe.pipeline.rectifier_spec import RectifierSpec
+from revq_pipe.pipeline.tokenizer import RevqTokenizer
+from revq_pipe.stages.config import RevqConfig, load_config
+from revq_pipe.stages.encode import run_encode
 
 RESOLUTION = 32
 LATENT_CHANNELS = 4  # latents (4, 4, 4) at 32 px: 64 values

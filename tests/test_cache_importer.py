@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from cache.importer import import_tensor
-from cache.reader import LatentCache
-from cache.schema import CacheError
+from revq_pipe.cache.importer import import_tensor
+from revq_pipe.cache.reader import LatentCache
+from revq_pipe.cache.schema import CacheError
 
 N = 13
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import zarr
 
-from cache.reader import LatentCache, cache_info
-from cache.schema import CacheError
+from revq_pipe.cache.reader import LatentCache, cache_info
+from revq_pipe.cache.schema import CacheError
 from helpers_cache import SHAPE, build_store, make_inputs, open_writer, write_units
 
 N = 49  # 42 samples after skipping: 9 chunks of 5 rows, the last one short

@@ -1,6 +1,6 @@
 import numpy as np
 
-from cache.stats import MomentAccumulator
+from revq_pipe.cache.stats import MomentAccumulator
 
 
 def test_matches_numpy_float64_and_survives_large_offsets():

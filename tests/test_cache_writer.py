@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import zarr
 
-from cache.reader import LatentCache
-from cache.schema import CacheError
-from cache.writer import CacheWriter
+from revq_pipe.cache.reader import LatentCache
+from revq_pipe.cache.schema import CacheError
+from revq_pipe.cache.writer import CacheWriter
 from helpers_cache import RECIPE, SHAPE, VAE, build_store, make_inputs, open_writer, store_files, write_units
 
 N = 23  # 5 units of 5 inputs, the last one short

@@ -5,7 +5,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from stages.cli import app
+from revq_pipe.stages.cli import app
 
 runner = CliRunner()
 
@@ -20,7 +20,7 @@ def test_help_lists_every_command():
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "stages.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "revq_pipe.stages.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "tolerance" in result.stdout
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.config import ConfigError, RevqConfig, config_from_dict, config_to_dict, load_config, save_config
+from revq_pipe.stages.config import ConfigError, RevqConfig, config_from_dict, config_to_dict, load_config, save_config
 
 
 def write_yaml(path: Path, data: dict) -> Path:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.rectifier import build_rectifier
-from pipeline.rectifier_spec import RectifierSpec
-from stages.config import load_config
+from revq_pipe.pipeline.rectifier import build_rectifier
+from revq_pipe.pipeline.rectifier_spec import RectifierSpec
+from revq_pipe.stages.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(CONFIGS.glob("*.yaml"))

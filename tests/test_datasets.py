@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages.datasets import open_image_dataset
+from revq_pipe.stages.datasets import open_image_dataset
 
 
 def png(value: int) -> bytes:

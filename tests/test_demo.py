@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("skimage")
 
-from stages.demo import DEMO_PHOTOS, IMAGE_SIZE, split_rows, train_demo_vae, write_demo_images  # noqa: E402
+from revq_pipe.stages.demo import DEMO_PHOTOS, IMAGE_SIZE, split_rows, train_demo_vae, write_demo_images  # noqa: E402
 
 TRAIN_PER_PHOTO, VAL_PER_PHOTO = 3, 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.device import resolve_device
+from revq_pipe.pipeline.device import resolve_device
 
 
 def test_auto_and_cpu():

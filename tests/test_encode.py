@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cache.reader import LatentCache
-from cache.schema import CacheError
-from pipeline.images import decode_image, preprocess
-from pipeline.vae import FrozenVAE
-from stages.config import load_config
-from stages.encode import run_encode
+from revq_pipe.cache.reader import LatentCache
+from revq_pipe.cache.schema import CacheError
+from revq_pipe.pipeline.images import decode_image, preprocess
+from revq_pipe.pipeline.vae import FrozenVAE
+from revq_pipe.stages.config import load_config
+from revq_pipe.stages.encode import run_encode
 from tests.helpers_vae import make_tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,14 +17,14 @@ from PIL import Image
 from helpers_eval import (CODEBOOK_SIZE, NUM_GOOD_IMAGES, NUM_TOKENS, RESOLUTION, StandInInception, StandInLPIPS,
                           make_config, make_eval_setup)
 from helpers_vae import make_tiny_vae
-from pipeline.metrics import frechet_distance
-from pipeline.tokenizer import RevqTokenizer
-from pipeline.vae import FrozenVAE
-from stages import eval_metrics
-from stages.datasets import open_image_dataset
-from stages.datasets import DecodedImages
-from stages.eval_common import reconstruct
-from stages.evaluate import FROM_CACHE_REASON, run_evaluate
+from revq_pipe.pipeline.metrics import frechet_distance
+from revq_pipe.pipeline.tokenizer import RevqTokenizer
+from revq_pipe.pipeline.vae import FrozenVAE
+from revq_pipe.stages import eval_metrics
+from revq_pipe.stages.datasets import open_image_dataset
+from revq_pipe.stages.datasets import DecodedImages
+from revq_pipe.stages.eval_common import reconstruct
+from revq_pipe.stages.evaluate import FROM_CACHE_REASON, run_evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_METRICS = ("rfid", "inception_score", "psnr", "psnr_y", "ssim", "lpips")
@@ -127,7 +127,7 @@ def test_two_processes_through_the_cli_match_one(setup):
     settings = ["vae.device=cpu", f"data.resolution={RESOLUTION}", "encode.num_workers=0", "eval.batch_size=4",
                 f"paths.root={setup.run.parent / 'artifacts'}", f"train.run={setup.run}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "stages.cli", "eval", "--split", "two", "--images", str(setup.images),
+               "-m", "revq_pipe.stages.cli", "eval", "--split", "two", "--images", str(setup.images),
                "--vae", str(setup.vae)] + [arg for s in settings for arg in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

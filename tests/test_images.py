@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.images import ImageDecodeError, decode_image, preprocess, recipe, to_uint8
+from revq_pipe.pipeline.images import ImageDecodeError, decode_image, preprocess, recipe, to_uint8
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from pipeline.metrics import (
+from revq_pipe.pipeline.metrics import (
     LPIPS,
     FeatureStats,
     FidEvaluator,

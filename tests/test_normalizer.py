@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.normalizer import MIN_STD, LatentNormalizer
+from revq_pipe.pipeline.normalizer import MIN_STD, LatentNormalizer
 
 
 def test_normalize_and_denormalize_are_inverse_per_element():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.quantizer import (MultiGroupQuantizer, codebook_usage, count_ids, perplexity, plan_search)
+from revq_pipe.pipeline.quantizer import (MultiGroupQuantizer, codebook_usage, count_ids, perplexity, plan_search)
 
 
 def brute_force(tokens: torch.Tensor, codebooks: torch.Tensor, dtype=torch.float64) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.rectifier import EfficientViTRectifier, build_rectifier
-from pipeline.rectifier_spec import PRESETS, RectifierSpec
+from revq_pipe.pipeline.rectifier import EfficientViTRectifier, build_rectifier
+from revq_pipe.pipeline.rectifier_spec import PRESETS, RectifierSpec
 
 TINY = RectifierSpec(kind="vit", width=16, depth=1, head_dim=8)
 

@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from cache.reader import LatentCache
-from cache.schema import CacheError
-from cache.token_store import TokenStore, TokenWriter
+from revq_pipe.cache.reader import LatentCache
+from revq_pipe.cache.schema import CacheError
+from revq_pipe.cache.token_store import TokenStore, TokenWriter
 from helpers_eval import CODEBOOK_SIZE, NUM_GOOD_IMAGES, NUM_TOKENS, RESOLUTION, make_config, make_eval_setup
-from pipeline.images import to_uint8
-from pipeline.tokenizer import RevqTokenizer
-from pipeline.vae import FrozenVAE
-from stages.datasets import open_image_dataset
-from stages.datasets import DecodedImages
-from stages.eval_common import reconstruct
-from stages.tokenize import run_tokenize
+from revq_pipe.pipeline.images import to_uint8
+from revq_pipe.pipeline.tokenizer import RevqTokenizer
+from revq_pipe.pipeline.vae import FrozenVAE
+from revq_pipe.stages.datasets import open_image_dataset
+from revq_pipe.stages.datasets import DecodedImages
+from revq_pipe.stages.eval_common import reconstruct
+from revq_pipe.stages.tokenize import run_tokenize
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ def test_two_processes_through_the_cli_write_the_same_ids(setup, tmp_path):
     settings = [f"vae.source={setup.vae}", "vae.device=cpu", f"data.resolution={RESOLUTION}", "encode.num_workers=0", "encode.chunk_size=4",
                 "tokenize.batch_size=16", f"train.run={setup.run}", f"paths.root={tmp_path}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "stages.cli", "tokenize", "--split", "val", "--images", str(setup.images),
+               "-m", "revq_pipe.stages.cli", "tokenize", "--split", "val", "--images", str(setup.images),
                "--out", str(tmp_path / "two.zarr")]
     command += [arg for s in settings for arg in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1",

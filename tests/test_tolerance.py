@@ -7,7 +7,7 @@ import json
 from PIL import Image
 
 from helpers_eval import make_config, make_eval_setup
-from stages.tolerance import run_tolerance
+from revq_pipe.stages.tolerance import run_tolerance
 
 
 def test_tolerance_curve_and_tokenizer_points(tmp_path, monkeypatch):

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from cache.importer import import_tensor
-from cache.schema import CacheError
-from cache.writer import CacheWriter
-from pipeline.normalizer import LatentNormalizer
-from pipeline.quantizer import MultiGroupQuantizer
-from pipeline.tokenizer import RevqTokenizer
-from stages.config import load_config
-from stages.train import run_train
-from stages.train_loop import NonFiniteLossError
+from revq_pipe.cache.importer import import_tensor
+from revq_pipe.cache.schema import CacheError
+from revq_pipe.cache.writer import CacheWriter
+from revq_pipe.pipeline.normalizer import LatentNormalizer
+from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
+from revq_pipe.pipeline.tokenizer import RevqTokenizer
+from revq_pipe.stages.config import load_config
+from revq_pipe.stages.train import run_train
+from revq_pipe.stages.train_loop import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "_train_driver.py"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import AutoencoderDC, AutoencoderKL
 
-from pipeline.vae import FrozenVAE
+from revq_pipe.pipeline.vae import FrozenVAE
 from tests.helpers_vae import make_tiny_vae
 
 
