@@ -55,6 +55,7 @@ bench: setup
 	$(VENV)/bin/python benchmarks/bench_train_step.py
 	$(VENV)/bin/python benchmarks/bench_cache.py
 	$(VENV)/bin/python benchmarks/bench_encode.py
+	$(VENV)/bin/python benchmarks/bench_online_vs_cached.py
 
 clean:
 	rm -rf $(ROOT)

@@ -24,6 +24,7 @@ import argparse
 import copy
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -33,13 +34,16 @@ from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.normalizer import LatentNormalizer
 from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
 from revq_pipe.pipeline.rectifier import build_rectifier
-from revq_pipe.pipeline.rectifier_spec import PRESETS
+from revq_pipe.stages.config import load_config
 from revq_pipe.stages.train_loop import TrainParts, build_optimizer, train_step
 
+PRESET = load_config(Path(__file__).resolve().parents[1] / "configs" / "512T.yaml")  # T=512, K=16,384, 512x3
+
 LATENT_SHAPE = (32, 8, 8)
-NUM_TOKENS, CODEBOOK_SIZE = 512, 16384
-EPOCHS, IMAGENET_TRAIN = 100, 1_281_167  # METHOD.md's schedule
-CODEBOOK_LR, RECTIFIER_LR, RECTIFIER_WD, GRAD_CLIP = 1e-2, 5e-4, 1e-4, 1.0
+NUM_TOKENS, CODEBOOK_SIZE = PRESET.quantizer.num_tokens, PRESET.quantizer.codebook_size
+EPOCHS, IMAGENET_TRAIN = PRESET.train.epochs, 1_281_167  # METHOD.md's schedule
+CODEBOOK_LR, RECTIFIER_LR = PRESET.train.codebook_lr, PRESET.train.rectifier_lr
+RECTIFIER_WD, GRAD_CLIP = PRESET.train.rectifier_weight_decay, PRESET.train.grad_clip
 
 
 def baseline_nearest(tokens: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -174,7 +178,7 @@ def main() -> None:
     torch.manual_seed(0)
     quantizer = MultiGroupQuantizer(LATENT_SHAPE, NUM_TOKENS, CODEBOOK_SIZE,
                                     search_memory_mb=args.search_memory_mb).to(device)
-    rectifier = build_rectifier(PRESETS["512T"], LATENT_SHAPE[0]).to(device)
+    rectifier = build_rectifier(PRESET.rectifier, LATENT_SHAPE[0]).to(device)
     with torch.no_grad():  # a rectifier that is not the identity, so every layer gets gradients
         rectifier.conv_out.weight.normal_(0.0, 1e-3)
     z = torch.randn(batch, *LATENT_SHAPE, device=device)  # standardized latents
@@ -223,7 +227,7 @@ def main() -> None:
     # --- the floor: the rectifier's matmul work at this machine's fp32 matmul rate ---------------
     rows = batch * LATENT_SHAPE[1] * LATENT_SHAPE[2]
     work = 3 * matmul_flops(rectifier, rows)  # backward = gradients of inputs and of weights, 2x forward
-    rate = matmul_rate(rows, PRESETS["512T"].width, device)
+    rate = matmul_rate(rows, PRESET.rectifier.width, device)
     print(f"floor: the rectifier's convs and linears take {work / 1e9:.0f} GFLOP per batch forward+backward; "
           f"fp32 matmul here peaks at {rate / 1e9:.0f} GFLOP/s, so no fp32 implementation of this step runs "
           f"faster than {work / rate:.2f} s per batch ({batch * rate / work:.1f} samples/s) on this device")

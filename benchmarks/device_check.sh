@@ -5,20 +5,27 @@
 # Prints (1) the GPU, (2) the 512T training step at batch 256, ours vs the straightforward baseline,
 # with the rectifier in bf16 and in fp32, (3) a real `revq-pipe train` of the 512T preset (bf16) for
 # 2 epochs over N synthetic latents held on the GPU, its samples/s projected to 100 epochs over the
-# 1,281,167 ImageNet train latents (the target: under 2 hours), (4) the CUDA-only tests.
+# 1,281,167 ImageNet train latents (the target: under 2 hours), (4) the CUDA-only tests, (5) issue 11's
+# online (JPEG -> DC-AE f32c32 encoder -> step) vs cached (step on resident latents) training at batches
+# ONLINE_BATCHES (its JPEGs come from scikit-image's photographs: .whl must hold a scikit-image wheel).
 # A test of this script on a CPU (small sizes; EXTRA_SET holds more --set overrides for the train run):
-#   DEVICE=cpu N=4096 BATCH=8 STEPS=1 EXTRA_SET="quantizer.codebook_size=256 rectifier.width=64 rectifier.depth=1" \
+#   DEVICE=cpu N=4096 BATCH=8 STEPS=1 ONLINE_BATCHES=1 \
+#     EXTRA_SET="quantizer.codebook_size=256 rectifier.width=64 rectifier.depth=1" \
 #     PY=.venv/bin/python bash benchmarks/device_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda} N=${N:-131072} BATCH=${BATCH:-256} STEPS=${STEPS:-30} PY=${PY:-python3} EXTRA_SET=${EXTRA_SET:-}
+ONLINE_BATCHES=${ONLINE_BATCHES:-64,256}
 if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# The checkout is not installed there: expose pipeline/, cache/, stages/ as revq_pipe.*, as pyproject.toml maps them.
+mkdir -p "$work/src/revq_pipe"
+for part in pipeline cache stages; do ln -s "$PWD/$part" "$work/src/revq_pipe/$part"; done
+export PYTHONPATH=$work/src:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 cli() { $PY -m revq_pipe.stages.cli "$@"; }
 
 echo "== (1) device"
@@ -55,3 +62,6 @@ PYTHON
 
 echo "== (4) CUDA-only tests"
 if [ "$DEVICE" = cuda ]; then $PY -m pytest -q -m gpu tests; else echo "skipped on $DEVICE"; fi
+
+echo "== (5) online vs cached training, 512T, batches $ONLINE_BATCHES (issue 11)"
+$PY benchmarks/bench_online_vs_cached.py --device "$DEVICE" --batch-sizes "$ONLINE_BATCHES"

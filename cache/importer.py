@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from revq_pipe.cache.schema import CacheManifest, unknown_vae_identity
+from revq_pipe.cache.schema import CacheManifest
+from revq_pipe.pipeline.vae_identity import unknown_vae_identity
 from revq_pipe.cache.writer import CacheWriter
 
 IMPORTED_IMAGE_RECIPE = {"resolution": None, "resize": None, "crop": None, "value_range": None, "note": "imported"}

@@ -11,8 +11,16 @@ import torch
 import zarr
 
 from revq_pipe.cache.schema import FORMAT, FORMAT_VERSION, STAGING_DIR, CacheError, CacheManifest
+from revq_pipe.pipeline.vae_identity import VaeMismatchError, require_same_vae
 
 _LOAD_BLOCK_ROWS = 16384  # rows read per step by load_latents (bounds the host copy when loading onto a GPU)
+
+
+def rank_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi): rank r's contiguous share of num_items; shares differ by at most one, rank 0 first."""
+    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
+    return rank * num_items // world_size, (rank + 1) * num_items // world_size
 
 
 class LatentCache:
@@ -85,16 +93,39 @@ class LatentCache:
         """Source sample keys, in storage order."""
         return [str(k) for k in self._group["keys"][...].tolist()]
 
+    def check_matches(self, vae_identity: dict[str, Any], latent_shape: tuple[int, ...], *, what: str,
+                      fix: str, allow_unknown: bool = True) -> None:
+        """Raise CacheError unless this cache holds `latent_shape` latents of the VAE `vae_identity`.
+
+        `what` names the other party in the message ("the tokenizer", "the train cache at X").
+        """
+        if self.latent_shape != tuple(latent_shape):
+            raise CacheError(f"{self.path} holds latents of shape {self.latent_shape} but {what} expects "
+                             f"{tuple(latent_shape)}; {fix}")
+        try:
+            require_same_vae(vae_identity, self.manifest.vae, expected_what=what, found_what=f"the cache at {self.path}",
+                             fix=fix, allow_unknown=allow_unknown)
+        except VaeMismatchError as error:
+            raise CacheError(str(error)) from None
+
     def check_compatible(self, other: "LatentCache") -> None:
         """Raise CacheError unless `other` was made by the same VAE with the same latent shape."""
-        if self.manifest.vae != other.manifest.vae:
-            raise CacheError(f"{other.path} was encoded by VAE {other.manifest.vae} but {self.path} by "
-                             f"{self.manifest.vae}; re-encode one of them with the same VAE")
-        if self.latent_shape != other.latent_shape:
-            raise CacheError(f"{other.path} holds latents of shape {other.latent_shape} but {self.path} "
-                             f"{self.latent_shape}; encode both at the same resolution with the same VAE")
+        other.check_matches(self.manifest.vae, self.latent_shape, what=f"the cache at {self.path}",
+                            fix="encode both splits at the same resolution with the same VAE", allow_unknown=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the latents in memory, in the stored dtype."""
+        array = self._group["latents"]
+        return int(np.prod(array.shape)) * array.dtype.itemsize
 
     # ---- data -----------------------------------------------------------------------------------
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Latents [start, stop) as float32 (n, C, H, W) on the CPU, in storage order."""
+        if not 0 <= start <= stop <= self.num_samples:
+            raise ValueError(f"rows [{start}, {stop}) are outside the {self.num_samples} latents of {self.path}")
+        return torch.from_numpy(np.asarray(self._group["latents"][start:stop], dtype=np.float32))
 
     def load_latents(self, device: str | torch.device = "cpu") -> torch.Tensor:
         """The whole split as one (N, C, H, W) tensor in the stored dtype, on `device`."""
@@ -128,12 +159,10 @@ class LatentCache:
         """
         if not all(isinstance(v, int) and v >= 1 for v in (batch_size, window_chunks)):
             raise ValueError(f"batch_size={batch_size!r}, window_chunks={window_chunks!r}: expected positive ints")
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
         array = self._group["latents"]
         n, chunk = array.shape[0], array.chunks[0]
+        lo, hi = rank_slice(n, rank, world_size)  # this rank's slice of the epoch order
         windows = _epoch_windows(n, chunk, window_chunks, shuffle, np.random.default_rng([seed, epoch]))
-        lo, hi = rank * n // world_size, (rank + 1) * n // world_size  # this rank's slice of the epoch order
 
         pending, buffered, position = [], 0, 0
         for rows in windows:

@@ -12,11 +12,12 @@ and the group attributes written by `CacheManifest.to_attrs`. `complete` is set 
 
 from __future__ import annotations
 
-import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Any
 
 from zarr.codecs import BloscCodec
+
+from revq_pipe.pipeline.version import package_version
 
 FORMAT = "revq-latent-cache"
 FORMAT_VERSION = 1
@@ -34,14 +35,6 @@ class CacheError(Exception):
     """A latent cache is missing, unfinished, malformed or does not match what the caller expects."""
 
 
-def package_version() -> str:
-    """Version of the installed revq-pipe distribution ("0+unknown" when running from a bare checkout)."""
-    try:
-        return importlib.metadata.version("revq-pipe")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
 def latent_compressors(latent_dtype: str) -> list[BloscCodec]:
     """The Zarr codecs for the `latents` array (byte shuffle works on the dtype's item size)."""
     return [BloscCodec(typesize=2 if latent_dtype == "float16" else 4, **LATENT_CODEC)]
@@ -50,11 +43,6 @@ def latent_compressors(latent_dtype: str) -> list[BloscCodec]:
 def small_compressors() -> list[BloscCodec]:
     """The Zarr codecs for labels, keys and statistics (tiny next to the latents)."""
     return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
-
-
-def unknown_vae_identity() -> dict[str, Any]:
-    """The VAE identity recorded when latents were made elsewhere by an unnamed VAE."""
-    return {"source": None, "class": None, "weights_sha256": None}
 
 
 @dataclass

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ import numpy as np
 import zarr
 
 from revq_pipe.cache.schema import STAGING_DIR, CacheError
+from revq_pipe.pipeline.files import atomic_path
 
 
 def read_store_attrs(path: Path) -> dict[str, Any] | None:
@@ -72,6 +71,15 @@ class StagedWriter:
     def _describe_complete(cls, stored: dict[str, Any]) -> str:
         """A phrase for a complete store of this kind, e.g. "a complete token store of 5 images"."""
         return f"a complete {cls.NOUN} of {stored.get('num_samples')} samples"
+
+    @classmethod
+    def _completed_attrs(cls, path: Path, attrs: dict[str, Any]) -> dict[str, Any] | None:
+        """The attributes of a complete store of this format at `path` whose spec fields equal `attrs`, else
+        None: rerunning finished, identical work is then a no-op rather than an error."""
+        stored = read_store_attrs(Path(path))
+        if not stored or stored.get("format") != cls.FORMAT or not stored.get("complete", False):
+            return None
+        return None if spec_differences(stored, attrs, cls.SPEC_FIELDS) else stored
 
     @classmethod
     def _open_store(cls, path: Path, attrs: dict[str, Any], *, overwrite: bool, create: bool) -> None:
@@ -135,6 +143,15 @@ class StagedWriter:
         start = u * self.chunk_size
         return start, min(start + self.chunk_size, self.num_inputs)
 
+    def unit_batches(self, units: list[int], batch_size: int) -> list[list[int]]:
+        """Input indices of `units` in fixed batches that start at each unit's start and never cross its
+        end, so every input lands in the same batch whatever the world size or the interruptions."""
+        batches = []
+        for u in units:
+            start, stop = self.unit_range(u)
+            batches += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
+        return batches
+
     def pending_units(self, rank: int = 0, world_size: int = 1) -> list[int]:
         """Units this rank owns (u % world_size == rank) that are not staged yet."""
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
@@ -143,17 +160,8 @@ class StagedWriter:
 
     def _stage(self, u: int, arrays: dict[str, np.ndarray]) -> None:
         """Write unit u's arrays to its staging part atomically (temporary file, fsync, rename)."""
-        self._staging.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._staging, prefix=f".unit_{u:06d}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._unit_file(u))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self._unit_file(u)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
     def _unit_file(self, u: int) -> Path:
         return self._staging / f"unit_{u:06d}.npz"

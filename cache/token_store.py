@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
-from revq_pipe.cache.schema import CacheError, package_version, small_compressors
+from revq_pipe.cache.schema import CacheError, small_compressors
+from revq_pipe.pipeline.version import package_version
 from revq_pipe.cache.staging import StagedWriter, read_store_attrs
 
 TOKEN_FORMAT = "revq-token-store"
@@ -83,6 +84,21 @@ class TokenWriter(StagedWriter):
             create: True on rank 0 only; other ranks pass False after a barrier and attach.
         """
         path = Path(path)
+        spec = cls._spec(num_inputs=num_inputs, split=split, num_tokens=num_tokens, codebook_size=codebook_size,
+                         layout=layout, tokenizer=tokenizer, vae=vae, source=source, chunk_size=chunk_size)
+        cls._open_store(path, spec, overwrite=overwrite, create=create)
+        return cls(path, spec)
+
+    @classmethod
+    def completed(cls, path: str | os.PathLike, **spec: Any) -> dict[str, Any] | None:
+        """The attributes of a complete store at `path` made with exactly this spec (open's arguments), else None."""
+        return cls._completed_attrs(Path(path), cls._spec(**spec))
+
+    @staticmethod
+    def _spec(*, num_inputs: int, split: str, num_tokens: int, codebook_size: int, layout: dict[str, Any],
+              tokenizer: dict[str, Any], vae: dict[str, Any], source: dict[str, Any], chunk_size: int = 1024
+              ) -> dict[str, Any]:
+        """The store's attributes before it is finished (JSON values only)."""
         if num_inputs < 1 or chunk_size < 1:
             raise ValueError(f"num_inputs={num_inputs}, chunk_size={chunk_size}: need at least one input "
                              "and a positive chunk size; check the image source")
@@ -91,9 +107,7 @@ class TokenWriter(StagedWriter):
                 "num_tokens": int(num_tokens), "codebook_size": int(codebook_size),
                 "ids_dtype": ids_dtype(codebook_size), "layout": layout, "tokenizer": tokenizer, "vae": vae,
                 "source": source, "num_samples": 0, "package_version": package_version()}
-        spec = json.loads(json.dumps(spec))  # tuples -> lists, so a stored spec compares equal
-        cls._open_store(path, spec, overwrite=overwrite, create=create)
-        return cls(path, spec)
+        return json.loads(json.dumps(spec))  # tuples -> lists, so a stored spec compares equal
 
     @classmethod
     def _describe_complete(cls, stored: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 
 from revq_pipe.cache.schema import FORMAT, LATENT_DTYPES, CacheError, CacheManifest, latent_compressors, small_compressors
-from revq_pipe.cache.staging import StagedWriter, read_store_attrs, spec_differences
+from revq_pipe.cache.staging import StagedWriter, read_store_attrs
 from revq_pipe.cache.stats import MomentAccumulator
 
 __all__ = ["CacheWriter", "read_store_attrs"]  # read_store_attrs lives in cache.staging; re-exported here
@@ -96,14 +96,10 @@ class CacheWriter(StagedWriter):
         Takes the spec arguments of `open`. Rerunning a finished encode with the same command
         is then a no-op rather than an error.
         """
-        attrs = read_store_attrs(Path(path))
-        if not attrs or attrs.get("format") != FORMAT or not attrs.get("complete", False):
-            return None
         wanted = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe,
                                      chunk_size, latent_dtype)
-        if spec_differences(attrs, wanted.to_attrs(), CacheWriter.SPEC_FIELDS):
-            return None
-        return CacheManifest.from_attrs(attrs)
+        attrs = CacheWriter._completed_attrs(Path(path), wanted.to_attrs())
+        return None if attrs is None else CacheManifest.from_attrs(attrs)
 
     @classmethod
     def _describe_complete(cls, stored: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,3 +108,70 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, R, R) floats in [-1, 1] -> uint8 on the 8-bit grid (clamped), as every metric sees them."""
     unit = ((images.detach().float() + 1.0) / 2.0).clamp(0.0, 1.0)
     return torch.round(unit * 255.0).to(torch.uint8)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, R, R) on the 8-bit grid -> float32 in [-1, 1] (the inverse of to_uint8 on that grid)."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
+def as_model_batch(images: Any, resolution: int, value_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """What users hold -> a float32 batch (B, 3, R, R) in [-1, 1], as the VAE expects.
+
+    Accepts a PIL image, an HWC uint8 numpy array (H, W, 3) or a batch of them (B, H, W, 3), a list of
+    either (each goes through `preprocess`, the recipe's resize and centre crop), or a tensor
+    (B, 3, R, R) / (3, R, R) that is already at the resolution: uint8 (0..255) or float in [-1, 1].
+
+    Float tensors are checked, because a [0, 1] tensor (torchvision's ToTensor) or a [0, 255] one
+    would silently give wrong ids: values outside [-1, 1] are refused, and so is a batch with no
+    negative value at all, the signature of [0, 1] data. `value_range=(0, 1)` (or (0, 255)) converts
+    such data instead; `value_range=(-1, 1)` skips the second check for a batch that really has no
+    dark pixel.
+    """
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("got an empty list of images; pass at least one")
+        return torch.stack([as_model_batch(image, resolution, value_range)[0] for image in images])
+    if isinstance(images, Image.Image):
+        return preprocess(_to_rgb(images), resolution)[None]
+    if isinstance(images, np.ndarray):
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"numpy images have shape {images.shape} and dtype {images.dtype}; pass HWC uint8 "
+                             "arrays (H, W, 3) or (B, H, W, 3)")
+        return torch.stack([preprocess(Image.fromarray(image), resolution) for image in images])
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"cannot make images out of a {type(images).__name__}; pass PIL images, HWC uint8 numpy "
+                        "arrays, or tensors (B, 3, R, R)")
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (resolution, resolution):
+        raise ValueError(f"images have shape {tuple(images.shape)}; expected (B, 3, {resolution}, {resolution}). "
+                         "Pass PIL images or HWC numpy arrays to have them resized and centre-cropped "
+                         f"(pipeline.images.preprocess), or resize them to {resolution}x{resolution} first")
+    if images.dtype == torch.uint8:
+        return to_model_range(images)
+    if not images.is_floating_point():
+        raise ValueError(f"images have dtype {images.dtype}; pass uint8 (0..255) or float in [-1, 1]")
+    return _float_to_model_range(images.float(), value_range)
+
+
+def _float_to_model_range(images: torch.Tensor, value_range: tuple[float, float] | None) -> torch.Tensor:
+    low, high = float(images.min()), float(images.max())
+    if value_range is not None:
+        lo, hi = (float(v) for v in value_range)
+        if hi <= lo or low < lo - 1e-3 * (hi - lo) or high > hi + 1e-3 * (hi - lo):
+            raise ValueError(f"images range over [{low:.4g}, {high:.4g}], outside the stated value_range "
+                             f"{tuple(value_range)}")
+        return ((images - lo) / (hi - lo) * 2.0 - 1.0).clamp(-1.0, 1.0)
+    if low < -1.0 - 1e-3 or high > 1.0 + 1e-3:
+        hint = "[0, 255]: pass uint8 tensors, or value_range=(0, 255)" if high > 1.5 else "another range"
+        raise ValueError(f"float images range over [{low:.4g}, {high:.4g}]; the VAE expects [-1, 1]. They look "
+                         f"like {hint}; or convert them with images / 127.5 - 1")
+    if low >= 0.0:
+        raise ValueError(f"float images range over [{low:.4g}, {high:.4g}] with no negative value: that is [0, 1] "
+                         "data (e.g. torchvision's ToTensor), but the VAE expects [-1, 1]. Pass images * 2 - 1, "
+                         "or value_range=(0, 1); if they really are [-1, 1] images without a dark pixel, pass "
+                         "value_range=(-1, 1)")
+    return images.clamp(-1.0, 1.0)

@@ -339,7 +339,14 @@ class _ChunkScorer:
 
 @contextlib.contextmanager
 def _full_precision(device: torch.device) -> Iterator[None]:
-    """No TF32/bf16 matmuls and no autocast inside the search: the error bound assumes IEEE float32."""
+    """No TF32/bf16 matmuls and no autocast inside the search: the error bound assumes IEEE float32.
+
+    torch has no per-call matmul precision, so this sets the process-wide one for the span of the
+    search and restores it after. That is safe because the setting is read when a kernel is
+    launched, not when it runs: kernels launched before the span keep their precision, and the
+    only launches inside it are the search's own (it runs synchronously on the calling thread;
+    DataLoader workers are separate processes and do no matmuls).
+    """
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -360,13 +367,33 @@ def _sample_indices(num: int, k: int, generator: torch.Generator | None) -> torc
 # --- usage statistics -------------------------------------------------------------------------
 
 
-def count_ids(ids: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    """Ids (B, T) -> counts (T, K) int64: how often each code of each position was chosen."""
-    if ids.ndim != 2:
-        raise ValueError(f"ids have shape {tuple(ids.shape)}; expected (B, T)")
-    num_tokens = ids.shape[1]
-    flat = (ids + torch.arange(num_tokens, device=ids.device) * codebook_size).reshape(-1)
-    return torch.bincount(flat, minlength=num_tokens * codebook_size).view(num_tokens, codebook_size)
+class CodeUsage:
+    """How often each code of each position was chosen: counts (T, K) int64 on `device`.
+
+    Training counts an epoch for the non-activation reset; evaluation counts a split for its usage
+    and perplexity. Ranks merge by summing `counts` (DistContext.all_reduce_sum_).
+    """
+
+    def __init__(self, num_tokens: int, codebook_size: int, device: str | torch.device = "cpu") -> None:
+        self.counts = torch.zeros(num_tokens, codebook_size, dtype=torch.int64, device=device)  # (T, K)
+        self._offsets = torch.arange(num_tokens, device=device) * codebook_size  # (T,) row starts in the flat view
+
+    def add(self, ids: torch.Tensor) -> None:
+        """Count one use per (position, id) in ids (B, T)."""
+        if ids.ndim != 2 or ids.shape[1] != self.counts.shape[0]:
+            raise ValueError(f"ids have shape {tuple(ids.shape)}; expected (B, {self.counts.shape[0]})")
+        flat = (ids.to(self.counts.device) + self._offsets).reshape(-1)
+        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+
+    def zero_(self) -> None:
+        self.counts.zero_()
+
+    def summary(self) -> dict[str, float | int | None]:
+        """{"codebook_usage", "dead_codes", "perplexity"}; usage and perplexity are None before any count."""
+        seen = bool(self.counts.sum() > 0)
+        return {"codebook_usage": codebook_usage(self.counts) if seen else None,
+                "dead_codes": int((self.counts == 0).sum()),
+                "perplexity": perplexity(self.counts) if seen else None}
 
 
 def codebook_usage(counts: torch.Tensor) -> float:

@@ -25,7 +25,7 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.sana_transformer import GLUMBConv
 from torch import nn
 
-from revq_pipe.pipeline.rectifier_spec import KINDS, RectifierSpec
+from revq_pipe.pipeline.rectifier_spec import FORWARDS, KINDS, RectifierSpec
 
 
 class EfficientViTRectifier(nn.Module):
@@ -39,9 +39,11 @@ class EfficientViTRectifier(nn.Module):
         head_dim: attention head dimension of the blocks' multiscale linear attention.
         residual: add the input to the output and zero-initialise the last conv, so that the module
             starts as the exact identity.
+        forward: how the blocks are evaluated, one of FORWARDS (pipeline/rectifier_spec.py).
     """
 
-    def __init__(self, channels: int, width: int, depth: int, head_dim: int = 32, residual: bool = True) -> None:
+    def __init__(self, channels: int, width: int, depth: int, head_dim: int = 32, residual: bool = True,
+                 forward: str = "auto") -> None:
         super().__init__()
         if channels < 1 or width < 1 or depth < 0 or head_dim < 1:
             raise ValueError(f"rectifier sizes must be positive: channels={channels}, width={width}, "
@@ -51,6 +53,9 @@ class EfficientViTRectifier(nn.Module):
                              "(the stem's shortcut repeats each channel width/channels times); choose a multiple")
         if width % head_dim:
             raise ValueError(f"rectifier width={width} is not a multiple of head_dim={head_dim}")
+        if forward not in FORWARDS:
+            raise ValueError(f"rectifier forward={forward!r} is not one of {', '.join(FORWARDS)}")
+        self.forward_impl = forward
         self.residual = residual
         self.head_dim = head_dim
         self.repeats = width // channels
@@ -66,13 +71,20 @@ class EfficientViTRectifier(nn.Module):
             nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, C, H, W), the blocks evaluated channels-last."""
-        if x.shape[-2] * x.shape[-1] <= self.head_dim:  # diffusers switches to quadratic attention here
+        """(B, C, H, W) -> (B, C, H, W), the blocks evaluated channels-last or by diffusers' forward."""
+        if not self._channels_last(x):
             return self.forward_reference(x)
         h = _to_nhwc(self._stem(x)).contiguous()  # (B, H, W, width)
         for block in self.blocks:
             h = _glumbconv_nhwc(block.conv_out, _linear_attention_nhwc(block.attn, h))
         return self._head(x, h)
+
+    def _channels_last(self, x: torch.Tensor) -> bool:
+        if x.shape[-2] * x.shape[-1] <= self.head_dim:  # diffusers switches to quadratic attention here
+            return False
+        if self.forward_impl == "auto":
+            return x.device.type == "cpu"
+        return self.forward_impl == "channels_last"
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The same function through diffusers' own (NCHW) block forward."""
@@ -135,5 +147,6 @@ def build_rectifier(spec: RectifierSpec, latent_channels: int) -> nn.Module:
     if spec.kind == "none":
         return nn.Identity()
     if spec.kind == "vit":
-        return EfficientViTRectifier(latent_channels, spec.width, spec.depth, spec.head_dim, spec.residual)
+        return EfficientViTRectifier(latent_channels, spec.width, spec.depth, spec.head_dim, spec.residual,
+                                     spec.forward)
     raise ValueError(f"rectifier kind={spec.kind!r} is not one of {', '.join(map(repr, KINDS))}")

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 KINDS = ("vit", "none")
+# How the EfficientViT blocks are evaluated (the same function and parameters either way):
+# "channels_last" is our re-layout of diffusers' forward, 1.1-1.2x faster on CPU (measured in
+# benchmarks/bench_train_step.py); "diffusers" is diffusers' own forward, the one torch.compile and
+# CUDA kernels are tuned for; "auto" takes channels_last on the CPU and diffusers' forward on other
+# devices until a GPU measurement says otherwise (README, "Rectifier forward").
+FORWARDS = ("auto", "channels_last", "diffusers")
 
 
 @dataclass
@@ -16,11 +22,5 @@ class RectifierSpec:
     depth: int = 3
     head_dim: int = 32
     residual: bool = True
+    forward: str = "auto"
 
-
-# METHOD.md's presets (32 latent channels): rectifier parameters 14.07 M, 72.97 M and 18.66 M
-PRESETS = {
-    "512T": RectifierSpec(kind="vit", width=512, depth=3, head_dim=32),
-    "256T-B": RectifierSpec(kind="vit", width=1024, depth=4, head_dim=32),
-    "256T-L": RectifierSpec(kind="vit", width=512, depth=4, head_dim=32),
-}

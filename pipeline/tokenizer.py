@@ -4,29 +4,35 @@
     -> nearest code per position -> ids (B,T)
     ids -> codes -> (B,C,H,W) -> rectifier -> de-standardize -> VAE decoder -> images
 
-A trained tokenizer is a folder with config.json (shapes, rectifier spec, VAE identity, image recipe)
-and model.safetensors (codebooks, rectifier weights, normalizer mean/std); `from_pretrained` needs
-nothing from the training code. The VAE is loaded only when images are involved.
+A trained tokenizer is a folder with config.json (a TokenizerConfig: shapes, rectifier spec, VAE
+identity, image recipe, provenance) and model.safetensors (codebooks, rectifier weights, normalizer
+mean/std); `from_pretrained` needs nothing from the training code. The VAE is loaded only when
+images are involved.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from revq_pipe.pipeline.device import resolve_device
+from revq_pipe.pipeline.files import atomic_directory
+from revq_pipe.pipeline.images import as_model_batch, to_uint8
 from revq_pipe.pipeline.normalizer import LatentNormalizer
 from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
 from revq_pipe.pipeline.rectifier import build_rectifier
 from revq_pipe.pipeline.rectifier_spec import RectifierSpec
+from revq_pipe.pipeline.vae_identity import require_same_vae
+from revq_pipe.pipeline.version import package_version
 
 if TYPE_CHECKING:
     from revq_pipe.pipeline.vae import FrozenVAE
@@ -35,8 +41,77 @@ TOKENIZER_FORMAT = "revq-tokenizer"
 TOKENIZER_FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-_DERIVED_KEYS = ("format", "format_version", "package_version", "latent_shape", "num_tokens", "codebook_size",
-                 "token_dim", "vae", "image")
+
+
+@dataclass
+class TokenizerConfig:
+    """What config.json holds besides the format header.
+
+    Args:
+        latent_shape: (C, H, W) of the VAE latents.
+        num_tokens, codebook_size, token_dim: T, K and d = C*H*W / T.
+        rectifier: the rectifier's spec.
+        vae: identity {"source", "class", "weights_sha256"} of the VAE whose latents it was made for.
+        image: the recipe {"resolution", "resize", "crop", "value_range"} of the VAE's inputs.
+        search_memory_mb: working-set budget of the nearest-code search.
+        provenance: where the tokenizer came from (the training caches and run, or an imported
+            checkpoint with its file hashes); recorded, never interpreted.
+    """
+
+    latent_shape: tuple[int, int, int]
+    num_tokens: int
+    codebook_size: int
+    token_dim: int
+    rectifier: RectifierSpec
+    vae: dict[str, Any]
+    image: dict[str, Any]
+    search_memory_mb: float = 256
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": TOKENIZER_FORMAT, "format_version": TOKENIZER_FORMAT_VERSION,
+                "package_version": package_version(), **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> "TokenizerConfig":
+        if data.get("format") != TOKENIZER_FORMAT or data.get("format_version") != TOKENIZER_FORMAT_VERSION:
+            raise ValueError(f"{where} is not a {TOKENIZER_FORMAT} config of version {TOKENIZER_FORMAT_VERSION} "
+                             f"(format={data.get('format')!r}, version={data.get('format_version')!r})")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        try:
+            values["latent_shape"] = tuple(values["latent_shape"])
+            values["rectifier"] = RectifierSpec(**values["rectifier"])
+            return cls(**values)
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"{where} is damaged or incomplete ({error}); save the tokenizer again") from None
+
+
+@dataclass
+class LatentRoundTrip:
+    """One batch of latents through the tokenizer; the standardized tensors are (B, C, H, W)."""
+
+    ids: torch.Tensor  # (B, T) int64
+    clean: torch.Tensor  # standardized VAE latents
+    quantized: torch.Tensor  # standardized codes, before the rectifier
+    rectified: torch.Tensor  # standardized rectifier output
+    decoder_input: torch.Tensor  # rectified latents at raw VAE scale: what ids_to_latents(ids) gives
+
+    def squared_errors(self) -> torch.Tensor:
+        """float64 (values, quantized SSE, rectified SSE) against the clean latents, summable over batches."""
+        return torch.stack([torch.tensor(float(self.clean.numel()), dtype=torch.float64, device=self.clean.device),
+                            (self.quantized - self.clean).double().square().sum(),
+                            (self.rectified - self.clean).double().square().sum()])
+
+
+@dataclass
+class Reconstructions:
+    """One batch of 8-bit images (B, 3, R, R) and the tokenizer's latents."""
+
+    original: torch.Tensor
+    vae: torch.Tensor  # decode(z): the continuous ceiling
+    tokenizer: torch.Tensor  # decode(ids_to_latents(ids))
+    latents: LatentRoundTrip
 
 
 class RevqTokenizer(nn.Module):
@@ -45,30 +120,54 @@ class RevqTokenizer(nn.Module):
     Args:
         normalizer: per-element standardization with the training cache's mean/std (C, H, W).
         quantizer: the T per-position codebooks (T, K, d).
-        rectifier: module (B, C, H, W) -> (B, C, H, W) in standardized space.
-        config: JSON-ready settings; must hold "rectifier" (the RectifierSpec fields), may hold
-            "normalizer" (where its statistics came from), "search_memory_mb" and anything else to record.
+        rectifier: module (B, C, H, W) -> (B, C, H, W) in standardized space, built from `rectifier_spec`.
+        rectifier_spec: the spec the rectifier was built from.
         vae_identity: {"source", "class", "weights_sha256"} of the VAE whose latents it was trained on.
         image_recipe: {"resolution", "resize", "crop", "value_range"} the VAE's inputs were made with.
+        provenance: where the tokenizer came from, recorded in config.json.
         vae: the VAE (a FrozenVAE, or a local folder / hub id to load on first use); None uses
-            vae_identity["source"].
+            vae_identity["source"]. Its weights must match vae_identity.
     """
 
     def __init__(self, normalizer: LatentNormalizer, quantizer: MultiGroupQuantizer, rectifier: nn.Module, *,
-                 config: dict[str, Any], vae_identity: dict[str, Any], image_recipe: dict[str, Any],
-                 vae: "FrozenVAE | str | None" = None) -> None:
+                 rectifier_spec: RectifierSpec, vae_identity: dict[str, Any], image_recipe: dict[str, Any],
+                 provenance: dict[str, Any] | None = None, vae: "FrozenVAE | str | None" = None) -> None:
         super().__init__()
+        if tuple(normalizer.mean.shape) != quantizer.latent_shape:
+            raise ValueError(f"the normalizer's statistics have shape {tuple(normalizer.mean.shape)} but the "
+                             f"quantizer cuts latents of shape {quantizer.latent_shape}")
         self.normalizer = normalizer
         self.quantizer = quantizer
         self.rectifier = rectifier
-        self.config = dict(config)
+        self.rectifier_spec = rectifier_spec
         self.vae_identity = dict(vae_identity)
         self.image_recipe = dict(image_recipe)
-        self._vae = None if vae is None or isinstance(vae, str) else vae
+        self.provenance = dict(provenance or {})
+        self._vae = None
         self._vae_source = vae if isinstance(vae, str) else None
+        if vae is not None and not isinstance(vae, str):
+            self.attach_vae(vae)
         self.eval()
 
     # --- loading and saving -----------------------------------------------------------------
+
+    @property
+    def config(self) -> TokenizerConfig:
+        """The typed config, derived from the modules and the recorded identity."""
+        return TokenizerConfig(latent_shape=self.latent_shape, num_tokens=self.num_tokens,
+                               codebook_size=self.codebook_size, token_dim=self.token_dim,
+                               rectifier=self.rectifier_spec, vae=self.vae_identity, image=self.image_recipe,
+                               search_memory_mb=self.quantizer.search_memory_mb, provenance=self.provenance)
+
+    @classmethod
+    def from_config(cls, config: TokenizerConfig, vae: "FrozenVAE | str | None" = None) -> "RevqTokenizer":
+        """An untrained tokenizer of the config's shapes (unit statistics, random codes, fresh rectifier)."""
+        shape = tuple(config.latent_shape)
+        return cls(LatentNormalizer(torch.zeros(shape), torch.ones(shape)),
+                   MultiGroupQuantizer(shape, config.num_tokens, config.codebook_size,
+                                       search_memory_mb=config.search_memory_mb),
+                   build_rectifier(config.rectifier, shape[0]), rectifier_spec=config.rectifier,
+                   vae_identity=config.vae, image_recipe=config.image, provenance=config.provenance, vae=vae)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, vae: "FrozenVAE | str | None" = None,
@@ -80,36 +179,18 @@ class RevqTokenizer(nn.Module):
             if not path.is_file():
                 raise FileNotFoundError(f"no tokenizer at {directory} ({path.name} is missing); point at the "
                                         "tokenizer/ folder of a finished `revq-pipe train` run")
-        config = json.loads(config_path.read_text())
-        if config.get("format") != TOKENIZER_FORMAT or config.get("format_version") != TOKENIZER_FORMAT_VERSION:
-            raise ValueError(f"{config_path} is not a {TOKENIZER_FORMAT} config of version "
-                             f"{TOKENIZER_FORMAT_VERSION} (format={config.get('format')!r}, "
-                             f"version={config.get('format_version')!r})")
-        latent_shape = tuple(config["latent_shape"])
-        tokenizer = cls(
-            LatentNormalizer(torch.zeros(latent_shape), torch.ones(latent_shape)),
-            MultiGroupQuantizer(latent_shape, config["num_tokens"], config["codebook_size"],
-                                search_memory_mb=config.get("search_memory_mb", 256)),
-            build_rectifier(RectifierSpec(**config["rectifier"]), latent_shape[0]),
-            config=config, vae_identity=config["vae"], image_recipe=config["image"], vae=vae)
+        config = TokenizerConfig.from_json(json.loads(config_path.read_text()), str(config_path))
+        tokenizer = cls.from_config(config, vae=vae)
         tokenizer.load_state_dict(load_file(weights_path, device="cpu"), strict=True)
         return tokenizer.to(device if isinstance(device, torch.device) else resolve_device(device)).eval()
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write config.json and model.safetensors into `directory` (created if needed)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write config.json and model.safetensors into `directory`, replacing it as a whole (atomically)."""
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
-        save_file(tensors, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        config = {"format": TOKENIZER_FORMAT, "format_version": TOKENIZER_FORMAT_VERSION,
-                  "package_version": _package_version(), "latent_shape": list(self.latent_shape),
-                  "num_tokens": self.num_tokens, "codebook_size": self.codebook_size, "token_dim": self.token_dim,
-                  **{k: v for k, v in self.config.items() if k not in _DERIVED_KEYS},
-                  "vae": self.vae_identity, "image": self.image_recipe}
-        if dataclasses.is_dataclass(config.get("rectifier")):
-            config["rectifier"] = dataclasses.asdict(config["rectifier"])
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        return directory
+        with atomic_directory(directory) as tmp:
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
+        return Path(directory)
 
     # --- shapes -------------------------------------------------------------------------------
 
@@ -154,31 +235,55 @@ class RevqTokenizer(nn.Module):
 
     # --- latents <-> ids ----------------------------------------------------------------------
 
+    def standardize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (B, C, H, W) -> the standardized space the codebooks and rectifier live in."""
+        return self.normalizer.normalize(self._check_latents(latents))
+
+    def destandardize(self, standardized: torch.Tensor) -> torch.Tensor:
+        """Standardized latents (B, C, H, W) -> raw VAE scale, ready for the decoder."""
+        return self.normalizer.denormalize(standardized)
+
     @torch.no_grad()
     def latents_to_ids(self, latents: torch.Tensor) -> torch.Tensor:
         """Raw VAE latents (B, C, H, W) -> token ids (B, T) int64."""
-        z = self.normalizer.normalize(self._check_latents(latents))
-        return self.quantizer.nearest(self.quantizer.to_tokens(z))
+        return self.quantizer.nearest(self.quantizer.to_tokens(self.standardize(latents)))
 
     @torch.no_grad()
     def quantize(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw latents -> (ids (B, T), quantized latents at raw scale, not rectified)."""
         ids = self.latents_to_ids(latents)
-        return ids, self.normalizer.denormalize(self._codes(ids))
+        return ids, self.destandardize(self._codes(ids))
 
     @torch.no_grad()
     def rectify(self, quantized: torch.Tensor) -> torch.Tensor:
         """Quantized raw-scale latents -> rectified raw-scale latents."""
-        z = self.normalizer.normalize(self._check_latents(quantized))
-        return self.normalizer.denormalize(self.rectifier(z))
+        return self.destandardize(self.rectifier(self.standardize(quantized)))
 
     @torch.no_grad()
-    def ids_to_latents(self, ids: torch.Tensor) -> torch.Tensor:
+    def ids_to_latents(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Token ids (B, T) -> rectified latents (B, C, H, W) at raw VAE scale, ready for the decoder."""
-        return self.normalizer.denormalize(self.rectifier(self._codes(ids)))
+        return self.destandardize(self.rectifier(self._codes(ids)))
 
-    def _codes(self, ids: torch.Tensor) -> torch.Tensor:
-        """Ids (B, T) -> standardized quantized latents (B, C, H, W)."""
+    @torch.no_grad()
+    def round_trip(self, latents: torch.Tensor) -> LatentRoundTrip:
+        """Raw VAE latents -> ids and every intermediate latent (the same operations as ids_to_latents)."""
+        clean = self.standardize(latents)
+        ids = self.quantizer.nearest(self.quantizer.to_tokens(clean))
+        quantized = self._codes(ids)
+        rectified = self.rectifier(quantized)
+        return LatentRoundTrip(ids=ids, clean=clean, quantized=quantized, rectified=rectified,
+                               decoder_input=self.destandardize(rectified))
+
+    def _codes(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Ids (B, T) of any integer dtype (a tensor or a numpy array) -> standardized quantized latents."""
+        if isinstance(ids, np.ndarray):
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise ValueError(f"ids have dtype {ids.dtype}; expected integers")
+            ids = torch.from_numpy(ids.astype(np.int64))
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise ValueError(f"ids have dtype {ids.dtype}; expected integers")
+        if ids.ndim == 1:
+            ids = ids[None]
         if ids.ndim != 2 or ids.shape[1] != self.num_tokens:
             raise ValueError(f"ids have shape {tuple(ids.shape)}; expected (B, {self.num_tokens})")
         ids = ids.to(self.device, torch.int64)
@@ -194,24 +299,47 @@ class RevqTokenizer(nn.Module):
 
     # --- images <-> ids -----------------------------------------------------------------------
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, R, R), uint8 0..255 or float in [-1, 1] -> token ids (B, T)."""
+    @property
+    def resolution(self) -> int:
+        """The image side the tokenizer's VAE inputs were made at (from its recorded recipe)."""
         resolution = self.image_recipe.get("resolution")
-        if images.ndim != 4 or images.shape[1] != 3 or (
-                resolution is not None and tuple(images.shape[2:]) != (resolution, resolution)):
-            raise ValueError(f"images have shape {tuple(images.shape)}; this tokenizer expects (B, 3, {resolution}, "
-                             f"{resolution}) made with the recipe {self.image_recipe} (see pipeline.images.preprocess)")
-        if images.dtype == torch.uint8:
-            images = images.float() / 127.5 - 1.0
-        vae = self.vae
-        return self.latents_to_ids(vae.encode(images.to(vae.device, torch.float32)))
+        if resolution is None:
+            raise ValueError("this tokenizer records no image resolution (it was trained on imported latents); "
+                             "its image recipe is unknown, so it can only work on latents")
+        return int(resolution)
+
+    def images_to_model_input(self, images: Any, value_range: tuple[float, float] | None = None) -> torch.Tensor:
+        """What users hold (PIL images, HWC uint8 arrays, uint8 or [-1, 1] tensors) -> (B, 3, R, R) in
+        [-1, 1] through the tokenizer's image recipe (pipeline.images.as_model_batch)."""
+        return as_model_batch(images, self.resolution, value_range)
 
     @torch.no_grad()
-    def decode(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> images (B, 3, R, R) float in [-1, 1] (pipeline.images.to_uint8 for 8 bits)."""
+    def encode(self, images: Any, value_range: tuple[float, float] | None = None) -> torch.Tensor:
+        """Images -> token ids (B, T).
+
+        Args:
+            images: PIL image(s), HWC uint8 numpy array(s), or tensors (B, 3, R, R) / (3, R, R), uint8
+                or float in [-1, 1]; PIL and numpy inputs are resized and centre-cropped with the recipe.
+            value_range: the range of float inputs when it is not [-1, 1], e.g. (0, 1).
+        """
+        vae = self.vae
+        return self.latents_to_ids(vae.encode(self.images_to_model_input(images, value_range)))
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Token ids (B, T), any integer dtype -> images (B, 3, R, R) float in [-1, 1] (to_uint8 for 8 bits)."""
         vae = self.vae
         return vae.decode(self.ids_to_latents(ids).to(vae.device)).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> Reconstructions:
+        """Images (B, 3, R, R) in [-1, 1] -> the VAE's and the tokenizer's reconstructions, both 8-bit."""
+        vae = self.vae
+        z = vae.encode(images)  # (B, C, H, W)
+        latents = self.round_trip(z)
+        return Reconstructions(original=to_uint8(images), vae=to_uint8(vae.decode(z)),
+                               tokenizer=to_uint8(vae.decode(latents.decoder_input.to(vae.device))),
+                               latents=latents)
 
     @property
     def vae(self) -> "FrozenVAE":
@@ -223,20 +351,13 @@ class RevqTokenizer(nn.Module):
             if not source:
                 raise ValueError("this tokenizer was trained on latents of an unnamed VAE (imported cache); "
                                  "pass vae=FrozenVAE.load(...) or vae='folder or hub id' to from_pretrained")
-            self._vae = FrozenVAE.load(source, device=self.device)
-        self._check_vae(self._vae)
+            self.attach_vae(FrozenVAE.load(source, device=self.device))
         return self._vae
 
-    def _check_vae(self, vae: "FrozenVAE") -> None:
-        expected, found = self.vae_identity.get("weights_sha256"), vae.identity.get("weights_sha256")
-        if expected and found and expected != found:
-            raise ValueError(f"the VAE {vae.identity.get('source')} (weights sha256 {found[:12]}...) is not the one "
-                             f"this tokenizer was trained with ({self.vae_identity.get('source')}, "
-                             f"{expected[:12]}...); pass the matching VAE")
+    def attach_vae(self, vae: "FrozenVAE") -> None:
+        """Use `vae` for images; refused unless its weights are the ones the tokenizer was trained with."""
+        require_same_vae(self.vae_identity, vae.identity, expected_what="this tokenizer",
+                         found_what="the VAE given",
+                         fix="pass the VAE the tokenizer was trained with (--vae / vae=...)")
+        self._vae = vae
 
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("revq-pipe")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"

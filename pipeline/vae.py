@@ -18,10 +18,11 @@ import torch
 from diffusers import AutoencoderDC, AutoencoderKL
 
 from revq_pipe.pipeline.device import resolve_device
+from revq_pipe.pipeline.hub import hub_unreachable_reason
 
 VAE_CLASSES = {"AutoencoderDC": AutoencoderDC, "AutoencoderKL": AutoencoderKL}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_EXAMPLE_DOWNLOAD = ("huggingface-cli download mit-han-lab/dc-ae-f32c32-in-1.0-diffusers "
+_EXAMPLE_DOWNLOAD = ("huggingface-cli download mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers "
                      "--local-dir models/dc-ae-f32c32 and pass --vae models/dc-ae-f32c32")
 
 
@@ -47,18 +48,15 @@ class FrozenVAE:
 
     @classmethod
     def load(cls, source: str, device: str | torch.device = "auto", autocast_bf16: bool = True) -> "FrozenVAE":
-        """Load from a local folder (a VAE folder or a pipeline folder with vae/) or a hub id."""
+        """Load from a local folder (a VAE folder or a pipeline folder with vae/) or a hub id.
+
+        A local folder is recorded as its absolute, resolved path, so caches and tokenizers made with
+        it work from any directory; a hub id is recorded as it is.
+        """
         device = device if isinstance(device, torch.device) else resolve_device(device)
-        folder = Path(source).expanduser()
-        if folder.exists():
-            model = _load_local(folder)
-        elif _HUB_ID.match(source) and not folder.parent.is_dir():
-            model = _load_hub(source)  # "org/name" whose "org" is no local folder: a hub id
-        else:
-            raise FileNotFoundError(
-                f"VAE folder {source} does not exist; pass --vae with a local diffusers VAE folder "
-                f"(holding config.json and the weights) or a hub id. To get DC-AE: {_EXAMPLE_DOWNLOAD}")
-        return cls(model, source=str(source), device=device, autocast_bf16=autocast_bf16)
+        resolved = resolve_vae_source(source)
+        model = _load_hub(resolved) if is_hub_id(resolved) else _load_local(Path(resolved))
+        return cls(model, source=resolved, device=device, autocast_bf16=autocast_bf16)
 
     @property
     def identity(self) -> dict:
@@ -113,6 +111,27 @@ class FrozenVAE:
         return contextlib.nullcontext()
 
 
+def is_hub_id(source: str) -> bool:
+    """"org/name" that is not a path (no leading ./, / or ~) and whose "org" is no local folder."""
+    return bool(_HUB_ID.match(source)) and not Path(source).exists() and not Path(source).parent.is_dir()
+
+
+def resolve_vae_source(source: str) -> str:
+    """A hub id as it is, or an existing local folder as its absolute path; a local path that does not
+    exist is a FileNotFoundError at once (never sent to the hub)."""
+    if not source:
+        raise ValueError("no VAE was named; pass --vae with a local diffusers VAE folder or a hub id")
+    if is_hub_id(source):
+        return source
+    folder = Path(source).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(
+            f"VAE folder {source} does not exist (resolved from {Path.cwd()}: {folder.resolve()}); pass --vae with "
+            f"a local diffusers VAE folder (holding config.json and the weights) or a hub id. To get DC-AE: "
+            f"{_EXAMPLE_DOWNLOAD}")
+    return str(folder.resolve())
+
+
 def _load_local(folder: Path) -> AutoencoderDC | AutoencoderKL:
     """Load from a VAE folder, or from the vae/ subfolder of a diffusers pipeline folder."""
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
@@ -138,6 +157,9 @@ def _load_hub(repo_id: str) -> AutoencoderDC | AutoencoderKL:
     """Load a hub id: from the local hub cache if it is there, else download (one config fetch first)."""
     config, error = None, None
     for local_files_only in (True, False):
+        if not local_files_only and (offline := hub_unreachable_reason()):
+            error = ConnectionError(offline)  # fail now instead of after huggingface_hub's retries
+            break
         try:
             config = AutoencoderDC.load_config(repo_id, local_files_only=local_files_only)
             break
@@ -145,9 +167,10 @@ def _load_hub(repo_id: str) -> AutoencoderDC | AutoencoderKL:
             error = failure
     if config is None:
         raise FileNotFoundError(
-            f"VAE {repo_id!r} is neither a local folder nor loadable from the Hugging Face hub "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Without network, download it "
-            f"elsewhere with `huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and pass --vae DIR")
+            f"VAE {repo_id!r} is no local folder (none at {Path(repo_id).resolve()}) and cannot be loaded from the "
+            f"Hugging Face hub ({type(error).__name__}: {str(error).splitlines()[0][:200]}). Without network, "
+            f"download it elsewhere with `huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and "
+            "pass --vae DIR")
     model_class = _vae_class(dict(config), repo_id)
     return model_class.from_pretrained(repo_id, low_cpu_mem_usage=False, local_files_only=local_files_only)
 

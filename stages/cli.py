@@ -195,6 +195,28 @@ def tolerance(
     _fail_cleanly(work)
 
 
+@app.command("import-reference")
+def import_reference(
+    src: str = typer.Argument(..., help="Folder with a published ReVQ tokenizer's yaml + ckpt.pth, or its hub id "
+                                        "(AndyRaoTHU/revq-512T, -256T-B, -256T-L)."),
+    out: str = typer.Option(..., help="Folder to write; the tokenizer lands in OUT/tokenizer (then --run OUT)."),
+    preprocessor: Optional[str] = typer.Option(None, help="The reference's ckpt/preprocessor.pth "
+                                                          "(default SRC/preprocessor.pth)."),
+    vae: Optional[str] = typer.Option(None, help="The VAE the tokenizer was trained on (local folder or hub id), "
+                                                 "to record its weights hash."),
+    overwrite: bool = typer.Option(False, help="Replace the tokenizer of an earlier import in OUT."),
+) -> None:
+    """Import a tokenizer published with the ReVQ reference code as an ordinary tokenizer folder."""
+
+    def work():
+        from revq_pipe.stages.import_reference import run_import_reference
+
+        target = run_import_reference(src, out, preprocessor=preprocessor, vae=vae, overwrite=overwrite)
+        typer.echo(str(target))
+
+    _fail_cleanly(work)
+
+
 @cache_app.command("info")
 def cache_info(
     store: str = typer.Argument(..., help="A latent cache (Zarr store)."),

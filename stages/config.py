@@ -1,12 +1,17 @@
 """One typed configuration for every command.
 
-Precedence, lowest first: the dataclass defaults below, a YAML preset (`--config`),
-`--set key.sub=value` overrides, then explicit command-line flags. A flag the user did not
-pass arrives here as None and never overrides anything. Unknown keys are an error.
+Precedence, lowest first: the dataclass defaults below (or, for a command given a training run,
+the config that run recorded), a YAML preset (`--config`), `--set key.sub=value` overrides, then
+explicit command-line flags. A flag the user did not pass arrives here as None and never overrides
+anything. Unknown keys are an error.
+
+Every location is resolved once, here: "{root}" is filled in and local paths become absolute, so
+what a run or a cache records works from any directory. URLs (s3://, gs://, ...) stay as they are.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -17,7 +22,9 @@ from typing import Any
 
 import yaml
 
-from revq_pipe.pipeline.rectifier_spec import KINDS, RectifierSpec
+from revq_pipe.cache.storage import is_url
+from revq_pipe.pipeline.files import atomic_write_text
+from revq_pipe.pipeline.rectifier_spec import FORWARDS, KINDS, RectifierSpec
 
 
 class ConfigError(ValueError):
@@ -38,9 +45,17 @@ class DataConfig:
     resolution: int = 64
 
 
+# The embedded demo's VAE, shipped in the repository (stages/ sits one level below its root).
+DEMO_VAE = str(Path(__file__).resolve().parents[1] / "demo" / "vae")
+
+# Settings that name a local file or folder (or a URL); made absolute by load_config.
+PATH_KEYS = ("paths.root", "data.train_images", "data.val_images", "data.train_cache", "data.val_cache",
+             "train.run", "train.init_from", "eval.fid_weights", "eval.lpips_weights", "tokenize.out")
+
+
 @dataclass
 class VaeConfig:
-    source: str = "demo/vae"  # a local folder or a hub id
+    source: str = DEMO_VAE  # a local folder or a hub id
     device: str = "auto"
     autocast_bf16: bool = True  # only takes effect on CUDA
 
@@ -74,6 +89,7 @@ class TrainConfig:
     rectifier_lr: float = 5e-4
     rectifier_weight_decay: float = 1e-4
     final_lr_fraction: float = 0.05
+    rectifier_warmup_steps: int = 100  # linear ramp of the rectifier's lr (residual rectifiers only; see train_loop)
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"
@@ -81,6 +97,8 @@ class TrainConfig:
     compile: bool = False
     data_on_device: str = "auto"
     allow_small_cache: bool = False
+    init_from: str = ""  # a tokenizer folder to start codebooks, rectifier (and statistics) from
+    init_statistics: bool = True  # with init_from: keep the tokenizer's normalizer statistics
     log_every: int = 50
 
 
@@ -122,6 +140,7 @@ class RevqConfig:
 CHOICES = {
     "quantizer.init": ("sample", "kmeans++"),
     "rectifier.kind": KINDS,
+    "rectifier.forward": FORWARDS,
     "train.data_on_device": ("auto", "always", "never"),
     "encode.latent_dtype": ("float16", "float32"),
 }
@@ -131,9 +150,10 @@ def load_config(
     config_file: str | Path | None = None,
     overrides: list[str] | None = None,
     flags: dict[str, Any] | None = None,
+    base: RevqConfig | None = None,
 ) -> RevqConfig:
-    """Resolve defaults < YAML < --set overrides < explicit flags into one validated config."""
-    cfg = RevqConfig()
+    """Resolve defaults (or `base`, e.g. a run's recorded config) < YAML < --set < flags into one config."""
+    cfg = copy.deepcopy(base) if base is not None else RevqConfig()
     if config_file is not None:
         _apply_mapping(cfg, _read_yaml(Path(config_file)), origin=str(config_file))
     for item in overrides or []:
@@ -142,7 +162,7 @@ def load_config(
     for key, value in (flags or {}).items():
         if value is not None:
             _assign(cfg, key, value, origin=f"flag for {key}")
-    _expand_root(cfg)
+    _resolve_locations(cfg)
     _validate(cfg)
     return cfg
 
@@ -153,12 +173,7 @@ def config_to_dict(cfg: RevqConfig) -> dict[str, Any]:
 
 def save_config(cfg: RevqConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically) next to a command's outputs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "dict") -> RevqConfig:
@@ -250,14 +265,29 @@ def _coerce(value: Any, hint: Any, dotted: str, origin: str) -> Any:
     raise ConfigError(f"{dotted}: unsupported config type {hint!r}")
 
 
-def _expand_root(cfg: RevqConfig) -> None:
-    """Replace "{root}" in every string setting; "{split}" is left for the stage to fill."""
+def _resolve_locations(cfg: RevqConfig) -> None:
+    """Fill "{root}" in every string setting ("{split}" is left for the stage) and make local paths
+    absolute; a VAE source becomes absolute only when it is an existing local folder (else it may be
+    a hub id, which FrozenVAE.load tells apart)."""
     for section_field in dataclasses.fields(cfg):
         section = getattr(cfg, section_field.name)
         for f in dataclasses.fields(section):
             value = getattr(section, f.name)
             if isinstance(value, str) and "{root}" in value:
                 setattr(section, f.name, value.replace("{root}", cfg.paths.root))
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        setattr(getattr(cfg, section), key, absolute_location(value))
+    if cfg.vae.source and Path(cfg.vae.source).expanduser().exists():
+        cfg.vae.source = absolute_location(cfg.vae.source)
+
+
+def absolute_location(value: str) -> str:
+    """A URL or "" as it is; a local path (or glob / brace pattern) made absolute against the current folder."""
+    if not value or is_url(value):
+        return value
+    return os.path.abspath(os.path.expanduser(value))
 
 
 def _validate(cfg: RevqConfig) -> None:

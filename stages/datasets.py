@@ -21,12 +21,14 @@ from __future__ import annotations
 import glob
 import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from braceexpand import braceexpand
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from webdataset.tariterators import base_plus_ext
 
 from revq_pipe.pipeline.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, preprocess
@@ -224,3 +226,74 @@ def collate_decoded(items: list[tuple[int, torch.Tensor | None, str | None]]) ->
         "images": torch.stack([x for _, x in good]) if good else None,  # (n, 3, R, R)
         "skipped": [(i, reason) for i, x, reason in items if x is None],
     }
+
+
+# --- decoded batches --------------------------------------------------------------------------
+
+PREFETCH_BATCHES_PER_WORKER = 4  # keeps the accelerator fed while workers decode JPEGs
+
+
+@dataclass
+class ImageBatch:
+    images: torch.Tensor | None  # (n, 3, R, R) in [-1, 1], on the device; None if all were unreadable
+    indices: list[int]  # dataset indices of the decoded images
+    skipped: list[tuple[int, str]]  # (dataset index, reason) of unreadable ones
+
+
+def image_batches(dataset: ImageDataset, batches: list[list[int]], resolution: int, num_workers: int,
+                  device: torch.device) -> Iterator[ImageBatch]:
+    """Decode and preprocess the given index batches in DataLoader workers, in order, onto `device`.
+
+    Every stage that reads images (encode, eval, tokenize, tolerance) goes through here, so they all
+    see the same pixels for the same file.
+    """
+    if not batches:
+        return
+    loader = DataLoader(DecodedImages(dataset, resolution), batch_sampler=batches, collate_fn=collate_decoded,
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=PREFETCH_BATCHES_PER_WORKER if num_workers > 0 else None)
+    for batch in loader:
+        images = batch["images"]
+        yield ImageBatch(images=None if images is None else images.to(device, non_blocking=True),
+                         indices=batch["indices"], skipped=batch["skipped"])
+
+
+def contiguous_batches(lo: int, hi: int, batch_size: int) -> list[list[int]]:
+    """[lo, hi) cut into consecutive batches of at most batch_size indices."""
+    return [list(range(b, min(b + batch_size, hi))) for b in range(lo, hi, batch_size)]
+
+
+@dataclass
+class UnitOutputs:
+    """What a function of the images gave for one work unit of a staged writer."""
+
+    unit: int
+    outputs: np.ndarray  # (n, ...) one row per readable input, in input order
+    labels: np.ndarray  # (n,) int64, -1 when unknown
+    keys: list[str]
+    skipped: list[tuple[str, str]]  # (key, reason) of unreadable inputs
+
+
+def map_units(dataset: ImageDataset, writer, units: list[int], fn: Callable[[torch.Tensor], np.ndarray], *,
+              batch_size: int, resolution: int, num_workers: int, device: torch.device,
+              output_shape: tuple[int, ...], output_dtype) -> Iterator[UnitOutputs]:
+    """Apply `fn` (images (B, 3, R, R) -> array (B, ...)) to every readable input of `units`, in the
+    writer's fixed per-unit batches (writer.unit_batches), and yield each unit once its last batch
+    has arrived. One DataLoader feeds all units in order (encode and tokenize share this)."""
+    pending = iter(units)
+    unit = next(pending, None)
+    outputs, indices, skipped = [], [], []
+    for batch in image_batches(dataset, writer.unit_batches(units, batch_size), resolution, num_workers, device):
+        if batch.images is not None:
+            outputs.append(fn(batch.images))
+            indices += batch.indices
+        skipped += [(dataset.key(i), reason) for i, reason in batch.skipped]
+        start, stop = writer.unit_range(unit)
+        if len(indices) + len(skipped) == stop - start:  # the unit's last batch has arrived
+            yield UnitOutputs(unit=unit,
+                              outputs=np.concatenate(outputs) if outputs else np.zeros((0, *output_shape),
+                                                                                       output_dtype),
+                              labels=np.asarray([dataset.label(i) for i in indices], dtype=np.int64),
+                              keys=[dataset.key(i) for i in indices], skipped=skipped)
+            outputs, indices, skipped = [], [], []
+            unit = next(pending, None)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -86,6 +88,14 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def shutdown_distributed(ctx: DistContext) -> None:
-    if ctx.is_distributed and dist.is_initialized():
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def distributed(device_preference: str = "auto") -> Iterator[DistContext]:
+    """One stage's place in the job: joins the torchrun process group if there is one, and leaves it
+    afterwards only if this call joined it (a caller that already holds the group keeps it)."""
+    joined_here = not (dist.is_available() and dist.is_initialized())
+    ctx = init_distributed(device_preference)
+    try:
+        yield ctx
+    finally:
+        if joined_here and ctx.is_distributed and dist.is_initialized():
+            dist.destroy_process_group()

@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from revq_pipe.cache.schema import CacheManifest
 from revq_pipe.cache.writer import CacheWriter
@@ -25,10 +24,9 @@ from revq_pipe.pipeline.images import recipe
 from revq_pipe.pipeline.vae import FrozenVAE
 from revq_pipe.stages.config import RevqConfig, save_config
 from revq_pipe.stages.console import log, progress
-from revq_pipe.stages.datasets import DecodedImages, ImageDataset, collate_decoded, open_image_dataset
-from revq_pipe.stages.distributed import DistContext, init_distributed, run_on_main, shutdown_distributed
-
-_SKIPPED_LISTED = 20  # skipped keys printed at the end; the store records all of them
+from revq_pipe.stages.datasets import map_units, open_image_dataset
+from revq_pipe.stages.distributed import distributed, run_on_main
+from revq_pipe.stages.skipped import describe_skipped
 
 
 def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite: bool) -> CacheManifest:
@@ -36,8 +34,7 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
 
     Run it under torchrun to spread the work over processes / GPUs. Returns the manifest.
     """
-    ctx = init_distributed(cfg.vae.device)
-    try:
+    with distributed(cfg.vae.device) as ctx:
         # ---- setup: data, model, store --------------------------------------------------------
         dataset = open_image_dataset(images)
         vae = FrozenVAE.load(cfg.vae.source, device=ctx.device, autocast_bf16=cfg.vae.autocast_bf16)
@@ -63,75 +60,22 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
             if writer.num_staged:
                 log(f"resuming: {writer.num_staged} of {writer.num_units} units already encoded")
 
-        # ---- encode this rank's pending units ---------------------------------------------------
+        # ---- encode and stage this rank's pending units ---------------------------------------------
         units = writer.pending_units(ctx.rank, ctx.world_size)
-        _encode_units(cfg, dataset, vae, writer, units, split, ctx)
+        name = f"encode {split}" + (f" (rank 0 of {ctx.world_size})" if ctx.is_distributed else "")
+        with progress(sum(len(range(*writer.unit_range(u))) for u in units), name, enabled=ctx.is_main) as bar:
+            for part in map_units(dataset, writer, units, lambda x: vae.encode(x).cpu().numpy(),
+                                  batch_size=cfg.encode.batch_size, resolution=cfg.data.resolution,
+                                  num_workers=cfg.encode.num_workers, device=ctx.device,
+                                  output_shape=latent_shape, output_dtype=np.float32):
+                writer.write_unit(part.unit, part.outputs, part.labels, part.keys, part.skipped)
+                bar.advance(len(part.keys) + len(part.skipped))
         ctx.barrier()
 
         # ---- finish: assemble the store on rank 0 ---------------------------------------------
         manifest = run_on_main(ctx, writer.finalize, share=True)
-        _log_summary(manifest, out)
+        log(f"wrote {manifest.num_samples} latents {tuple(manifest.latent_shape)} {manifest.latent_dtype} to {out}")
+        skipped = list(zip(manifest.skipped["keys"], manifest.skipped["reasons"]))
+        if skipped:
+            log(describe_skipped(skipped, what="unreadable images (all are listed in the store's 'skipped')"))
         return manifest
-    finally:
-        shutdown_distributed(ctx)
-
-
-def _unit_batches(writer: CacheWriter, units: list[int], batch_size: int) -> list[list[int]]:
-    """Fixed batches per unit, starting at the unit's start and never crossing its end."""
-    batches = []
-    for u in units:
-        start, stop = writer.unit_range(u)
-        batches += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
-    return batches
-
-
-def _encode_units(cfg: RevqConfig, dataset: ImageDataset, vae: FrozenVAE, writer: CacheWriter,
-                  units: list[int], split: str, ctx: DistContext) -> None:
-    """Encode and stage every unit in `units`; one DataLoader feeds all of them in order."""
-    batches = _unit_batches(writer, units, cfg.encode.batch_size)
-    if not batches:
-        return
-    loader = DataLoader(
-        DecodedImages(dataset, cfg.data.resolution), batch_sampler=batches, collate_fn=collate_decoded,
-        num_workers=cfg.encode.num_workers, pin_memory=ctx.device.type == "cuda",
-        prefetch_factor=4 if cfg.encode.num_workers > 0 else None,
-    )
-    total = sum(len(b) for b in batches)
-    name = f"encode {split}" + (f" (rank 0 of {ctx.world_size})" if ctx.is_distributed else "")
-    pending = iter(units)
-    unit = next(pending, None)
-    latents, indices, skipped = [], [], []
-    with progress(total, name, enabled=ctx.is_main) as bar:
-        for batch in loader:
-            if batch["images"] is not None:
-                latents.append(vae.encode(batch["images"]).cpu().numpy())  # (n, C, H, W) float32
-                indices += batch["indices"]
-            skipped += batch["skipped"]
-            bar.advance(len(batch["indices"]) + len(batch["skipped"]))
-            start, stop = writer.unit_range(unit)
-            if len(indices) + len(skipped) == stop - start:  # the unit's last batch has arrived
-                _write_unit(writer, unit, dataset, latents, indices, skipped)
-                latents, indices, skipped = [], [], []
-                unit = next(pending, None)
-
-
-def _write_unit(writer: CacheWriter, unit: int, dataset: ImageDataset, latents: list[np.ndarray],
-                indices: list[int], skipped: list[tuple[int, str]]) -> None:
-    shape = (0, *writer.manifest.latent_shape)
-    writer.write_unit(
-        unit,
-        np.concatenate(latents) if latents else np.zeros(shape, np.float32),
-        np.asarray([dataset.label(i) for i in indices], dtype=np.int64),
-        [dataset.key(i) for i in indices],
-        [(dataset.key(i), reason) for i, reason in skipped],
-    )
-
-
-def _log_summary(manifest: CacheManifest, out: str) -> None:
-    skipped = manifest.skipped
-    log(f"wrote {manifest.num_samples} latents {tuple(manifest.latent_shape)} {manifest.latent_dtype} to {out}")
-    if skipped["count"]:
-        listed = [f"{k} ({r})" for k, r in zip(skipped["keys"], skipped["reasons"])][:_SKIPPED_LISTED]
-        more = skipped["count"] - len(listed)
-        log(f"skipped {skipped['count']} unreadable images: " + "; ".join(listed)
-            + (f"; and {more} more (all are listed in the store's 'skipped' attribute)" if more else ""))

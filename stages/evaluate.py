@@ -2,9 +2,13 @@
 
 Per batch: images x -> VAE encoder -> z; the VAE alone reconstructs decode(z); the tokenizer
 reconstructs decode(ids_to_latents(latents_to_ids(z))). Both are clamped and rounded to 8 bits
-before any metric. Writes RUN/eval_<split>.json (and RUN/eval_<split>_grid.png); the resolved
-config goes to RUN/eval_<split>.config.yaml before work starts. `--from-cache` evaluates at the
-latent level on the split's cache instead: no images, no decoder, image metrics null.
+before any metric. `--from-cache` evaluates at the latent level on the split's cache instead: no
+images, no decoder, image metrics null.
+
+Reports of different scope never overwrite each other: RUN/eval_<split>.json is the whole split
+from images; a limited run writes eval_<split>_first<N>.json and a latent-level one
+eval_<split>_latents[_first<N>].json. Each report has its grid (<report>_grid.png) and its resolved
+config (<report>.config.yaml). Rerunning the same scope replaces that report and says so.
 Run under torchrun to spread the images over processes; statistics are summed across ranks.
 """
 
@@ -12,56 +16,64 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import zarr
+from rich.table import Table
 
 from revq_pipe.cache.reader import LatentCache
-from revq_pipe.cache.schema import CacheError
-from revq_pipe.pipeline.quantizer import codebook_usage, count_ids, perplexity
+from revq_pipe.cache.reader import rank_slice
+from revq_pipe.pipeline.files import atomic_write_text
+from revq_pipe.pipeline.quantizer import CodeUsage
 from revq_pipe.pipeline.tokenizer import RevqTokenizer
 from revq_pipe.stages.config import RevqConfig, save_config
-from revq_pipe.stages.console import log, progress
-from revq_pipe.stages.datasets import open_image_dataset
-from revq_pipe.stages.distributed import DistContext, init_distributed, shutdown_distributed
-from revq_pipe.stages.eval_common import (add_latent_errors, image_batches, load_matching_vae, load_tokenizer,
-                                rank_batches, reconstruct, resolution_of, tokenize_latents, tokenizer_identity)
+from revq_pipe.stages.console import console, log, progress
+from revq_pipe.stages.datasets import contiguous_batches, image_batches, open_image_dataset
+from revq_pipe.stages.distributed import DistContext, distributed
 from revq_pipe.stages.eval_metrics import (FID_BACKEND, IMAGE_METRICS, INCEPTION_SPLITS, ReconstructionMetrics,
-                                 load_metric_networks)
+                                           load_metric_networks)
 from revq_pipe.stages.grid import write_grid
+from revq_pipe.stages.run_dir import (TOKENIZER_DIR, image_resolution, load_tokenizer, split_location,
+                                      tokenizer_identity, tokenizer_vae)
+from revq_pipe.stages.skipped import describe_skipped, skipped_record
 
 FROM_CACHE_REASON = "latent-level evaluation (--from-cache)"
 PSNR_NOTE = ("psnr is RGB PSNR over all three channels (peak 255), not the reference code's PSNR, which measures "
              "the red channel only; psnr_y is the BT.601 luma PSNR")
+GRID_ROWS = ("original", "VAE", "tokenizer")
 
 
-def run_evaluate(cfg: RevqConfig, *, run: str, split: str, images: str | None, from_cache: bool) -> dict:
-    """Evaluate RUN/tokenizer on a split; returns the report also written to RUN/eval_<split>.json."""
-    owns_process_group = not (dist.is_available() and dist.is_initialized())
-    ctx = init_distributed(cfg.vae.device)
-    try:
-        return _evaluate(cfg, Path(run), split, images, from_cache, ctx)
-    finally:
-        if owns_process_group:
-            shutdown_distributed(ctx)
+def report_name(split: str, *, from_cache: bool, limit: int) -> str:
+    """The report's file stem for a scope: eval_<split>[_latents][_first<N>]."""
+    return f"eval_{split}" + ("_latents" if from_cache else "") + (f"_first{limit}" if limit > 0 else "")
 
 
-def _evaluate(cfg: RevqConfig, run: Path, split: str, images: str | None, from_cache: bool,
+def run_evaluate(cfg: RevqConfig, *, run: str, split: str, images: str | None, from_cache: bool,
+                 cache: str | None = None) -> dict:
+    """Evaluate RUN/tokenizer on a split; returns the report also written to RUN/<report_name>.json.
+
+    Args:
+        images: the split's images (default data.<split>_images).
+        from_cache: evaluate at the latent level on `cache` (default data.<split>_cache).
+        cache: the latent cache for the latent level; implies from_cache.
+    """
+    with distributed(cfg.vae.device) as ctx:
+        return _evaluate(cfg, Path(run), split, images, from_cache or cache is not None, cache, ctx)
+
+
+def _evaluate(cfg: RevqConfig, run: Path, split: str, images: str | None, from_cache: bool, cache: str | None,
               ctx: DistContext) -> dict:
     start = time.perf_counter()
     tokenizer = load_tokenizer(run, ctx.device)
-    if ctx.is_main:
-        save_config(cfg, run / f"eval_{split}.config.yaml")
+    stem = report_name(split, from_cache=from_cache, limit=cfg.eval.limit)
     if from_cache:
-        body = _evaluate_latents(cfg, tokenizer, split, ctx)
+        source = cache or split_location(cfg, split, "cache")
+        body = _evaluate_latents(cfg, tokenizer, split, source, run / f"{stem}.config.yaml", ctx)
     else:
-        body = _evaluate_images(cfg, tokenizer, run, split, images or _configured(cfg, split, "images"), ctx)
+        source = images or split_location(cfg, split, "images")
+        body = _evaluate_images(cfg, tokenizer, split, source, run / stem, ctx)
     T, K = tokenizer.num_tokens, tokenizer.codebook_size
     report = {
         "split": split,
@@ -75,54 +87,55 @@ def _evaluate(cfg: RevqConfig, run: Path, split: str, images: str | None, from_c
         "vae_ceiling": body["vae_ceiling"],
         "missing": body["missing"],
         "protocol": body["protocol"],
-        "tokenizer": {**tokenizer_identity(run), "num_tokens": T, "codebook_size": K,
+        "tokenizer": {**tokenizer_identity(run / TOKENIZER_DIR), "num_tokens": T, "codebook_size": K,
                       "token_dim": tokenizer.token_dim, "latent_shape": list(tokenizer.latent_shape)},
         "vae": body["vae"],
         "elapsed_s": round(time.perf_counter() - start, 3),
     }
     if ctx.is_main:
-        path = run / f"eval_{split}.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-        _log_summary(report, path)
+        path = run / f"{stem}.json"
+        replaced = path.is_file()
+        atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+        _print_summary(report, path, replaced)
     return report
 
 
 # --- images -> tokens -> images -----------------------------------------------------------------
 
 
-def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, run: Path, split: str, images: str,
+def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, images: str, stem: Path,
                      ctx: DistContext) -> dict:
-    # --- setup: data, VAE, metric networks ----------------------------------------------------
+    # --- setup: data, VAE, metric networks; then the config, once every input is known good --------
     dataset = open_image_dataset(images)
-    vae = load_matching_vae(cfg, tokenizer, ctx.device)
-    resolution = resolution_of(tokenizer, cfg)
+    vae = tokenizer_vae(cfg, tokenizer, ctx.device)
+    resolution = image_resolution(tokenizer, cfg)
     if vae.latent_shape(resolution) != tokenizer.latent_shape:
         raise ValueError(f"the VAE {vae.source} makes {vae.latent_shape(resolution)} latents at {resolution}px, but "
                          f"the tokenizer expects {tokenizer.latent_shape}; pass the VAE it was trained with")
     nets = load_metric_networks(cfg.eval.fid_weights, cfg.eval.lpips_weights, ctx.device)
+    if ctx.is_main:
+        save_config(cfg, stem.with_suffix(".config.yaml"))
     for name, reason in nets.missing.items():
         log(f"{name} metrics will be null: {reason}")
     num_inputs = len(dataset) if cfg.eval.limit <= 0 else min(cfg.eval.limit, len(dataset))
-    batches = rank_batches(num_inputs, cfg.eval.batch_size, ctx)
+    batches = contiguous_batches(*rank_slice(num_inputs, ctx.rank, ctx.world_size), cfg.eval.batch_size)
     log(f"eval {split}: {num_inputs} images from {images} at {resolution}px on {ctx.device} "
-        f"({ctx.world_size} process{'es' if ctx.is_distributed else ''})")
+        f"({ctx.world_size} process{'es' if ctx.is_distributed else ''}); VAE {vae.source}")
 
     # --- loop: reconstruct, measure, count -----------------------------------------------------
     metrics = ReconstructionMetrics(["tokenizer", "vae_ceiling"], nets, ctx.device)
     latent_sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # values, quantized SSE, rectified SSE
-    usage = torch.zeros(tokenizer.num_tokens, tokenizer.codebook_size, dtype=torch.int64, device=ctx.device)  # (T, K)
+    usage = CodeUsage(tokenizer.num_tokens, tokenizer.codebook_size, ctx.device)
     grid, skipped = [], []
     with progress(sum(map(len, batches)), f"eval {split}", enabled=ctx.is_main) as bar:
         for batch in image_batches(dataset, batches, resolution, cfg.encode.num_workers, ctx.device):
             skipped += [(dataset.key(i), reason) for i, reason in batch.skipped]
             if batch.images is not None:
-                rec = reconstruct(tokenizer, vae, batch.images)
+                rec = tokenizer.reconstruct(batch.images)
                 metrics.update(rec.original, {"tokenizer": rec.tokenizer, "vae_ceiling": rec.vae},
                                torch.tensor(batch.indices))
-                add_latent_errors(latent_sums, rec.tokens)
-                usage += count_ids(rec.tokens.ids, tokenizer.codebook_size)
+                latent_sums += rec.latents.squared_errors()
+                usage.add(rec.latents.ids)
                 if ctx.is_main and len(grid) < cfg.eval.grid_images:
                     grid += list(zip(rec.original.cpu(), rec.vae.cpu(), rec.tokenizer.cpu()))
             bar.advance(len(batch.indices) + len(batch.skipped))
@@ -130,12 +143,14 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, run: Path, split
     # --- finish: merge ranks, grid ---------------------------------------------------------------
     metrics.all_reduce_(ctx)
     ctx.all_reduce_sum_(latent_sums)
-    ctx.all_reduce_sum_(usage)
+    ctx.all_reduce_sum_(usage.counts)
     skipped = [item for part in ctx.all_gather_object(skipped) for item in part]
+    if ctx.is_main and skipped:
+        log(describe_skipped(skipped, what="unreadable images (not evaluated)"))
     if ctx.is_main and grid:
-        rows = [torch.stack([images[k] for images in grid[:cfg.eval.grid_images]]) for k in range(3)]
-        log(f"reconstruction grid (original | VAE | tokenizer) written to "
-            f"{write_grid(run / f'eval_{split}_grid.png', rows)}")
+        rows = [torch.stack([images[k] for images in grid[:cfg.eval.grid_images]]) for k in range(len(GRID_ROWS))]
+        path = write_grid(stem.with_name(stem.name + "_grid.png"), rows, labels=GRID_ROWS)
+        log(f"reconstruction grid (rows: {' | '.join(GRID_ROWS)}) written to {path}")
     tok, tok_missing = metrics.result("tokenizer")
     ceiling, ceiling_missing = metrics.result("vae_ceiling")
     num_images = int(metrics.sums["tokenizer"][0])
@@ -149,32 +164,26 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, run: Path, split
 # --- latent level (--from-cache) ---------------------------------------------------------------
 
 
-def _evaluate_latents(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, ctx: DistContext) -> dict:
-    path = _configured(cfg, split, "cache")
+def _evaluate_latents(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, path: str, config_path: Path,
+                      ctx: DistContext) -> dict:
     cache = LatentCache.open(path)
-    if tuple(cache.latent_shape) != tokenizer.latent_shape:
-        raise CacheError(f"{path} holds {tuple(cache.latent_shape)} latents but the tokenizer expects "
-                         f"{tokenizer.latent_shape}; pass the cache of the split encoded with the tokenizer's VAE")
-    expected, found = tokenizer.vae_identity.get("weights_sha256"), cache.manifest.vae.get("weights_sha256")
-    if expected and found and expected != found:
-        raise CacheError(f"{path} was encoded by VAE {cache.manifest.vae.get('source')} (sha256 {found[:16]}...) but "
-                         f"the tokenizer was trained on {tokenizer.vae_identity.get('source')} latents "
-                         f"(sha256 {expected[:16]}...); encode the split with that VAE")
+    cache.check_matches(tokenizer.vae_identity, tokenizer.latent_shape, what="the tokenizer",
+                        fix="pass the cache of the split encoded with the tokenizer's VAE (--cache STORE)")
+    if ctx.is_main:
+        save_config(cfg, config_path)
     num_inputs = cache.num_samples if cfg.eval.limit <= 0 else min(cfg.eval.limit, cache.num_samples)
-    latents = zarr.open_group(cache.path, mode="r")["latents"]  # (N, C, H, W), read a batch at a time
     log(f"eval {split} at the latent level: {num_inputs} latents from {path}")
     latent_sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    usage = torch.zeros(tokenizer.num_tokens, tokenizer.codebook_size, dtype=torch.int64, device=ctx.device)  # (T, K)
-    batches = rank_batches(num_inputs, cfg.eval.batch_size, ctx)
+    usage = CodeUsage(tokenizer.num_tokens, tokenizer.codebook_size, ctx.device)
+    batches = contiguous_batches(*rank_slice(num_inputs, ctx.rank, ctx.world_size), cfg.eval.batch_size)
     with progress(sum(map(len, batches)), f"eval {split} (latents)", enabled=ctx.is_main, unit="latent") as bar:
         for rows in batches:
-            z = torch.from_numpy(np.asarray(latents[rows[0]:rows[-1] + 1], dtype=np.float32))
-            tokens = tokenize_latents(tokenizer, z.to(ctx.device))
-            add_latent_errors(latent_sums, tokens)
-            usage += count_ids(tokens.ids, tokenizer.codebook_size)
+            latents = tokenizer.round_trip(cache.read(rows[0], rows[-1] + 1).to(ctx.device))
+            latent_sums += latents.squared_errors()
+            usage.add(latents.ids)
             bar.advance(len(rows))
     ctx.all_reduce_sum_(latent_sums)
-    ctx.all_reduce_sum_(usage)
+    ctx.all_reduce_sum_(usage.counts)
     nulls = {metric: None for metric in (*IMAGE_METRICS, "inception_score_std")}
     missing = {m: FROM_CACHE_REASON for m in IMAGE_METRICS}
     missing.update({f"vae_ceiling.{m}": FROM_CACHE_REASON for m in IMAGE_METRICS})
@@ -188,23 +197,13 @@ def _evaluate_latents(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, ctx
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _configured(cfg: RevqConfig, split: str, kind: str) -> str:
-    """cfg.data.<split>_images or <split>_cache; other splits must be passed explicitly."""
-    value = getattr(cfg.data, f"{split}_{kind}", None)
-    if not value:
-        flag = "--images" if kind == "images" else f"--set data.{split}_cache=STORE"
-        raise ValueError(f"split {split!r} has no configured {kind} (data.train_{kind} / data.val_{kind}); pass {flag}")
-    return value
-
-
-def _latent_report(sums: torch.Tensor, usage: torch.Tensor) -> dict[str, Any]:
-    """Latent MSEs from (values, quantized SSE, rectified SSE) and usage from the (T, K) code counts."""
+def _latent_report(sums: torch.Tensor, usage: CodeUsage) -> dict[str, Any]:
+    """Latent MSEs from (values, quantized SSE, rectified SSE) and usage from the code counts."""
     values, quantized, rectified = sums.tolist()
-    seen = int(usage.sum()) > 0
+    summary = usage.summary()
     return {"latent_mse": rectified / values if values else None,
             "latent_mse_quantized": quantized / values if values else None,
-            "codebook_usage": codebook_usage(usage) if seen else None,
-            "perplexity": perplexity(usage) if seen else None}
+            "codebook_usage": summary["codebook_usage"], "perplexity": summary["perplexity"]}
 
 
 def _protocol(tokenizer: RevqTokenizer, resolution: int | None, num_images: int, skipped: list[tuple[str, str]],
@@ -227,22 +226,27 @@ def _protocol(tokenizer: RevqTokenizer, resolution: int | None, num_images: int,
                                 "averaged over positions; perplexity: exp(entropy) of the code distribution, "
                                 "averaged over positions"),
         "num_images": num_images,
-        "skipped": {"count": len(skipped), "keys": [k for k, _ in skipped], "reasons": [r for _, r in skipped]},
+        "skipped": skipped_record(skipped),
     }
 
 
-def _log_summary(report: dict, path: Path) -> None:
+def _print_summary(report: dict, path: Path, replaced: bool) -> None:
+    """A short table on the console; the whole report is in the file."""
     def fmt(value, spec):
-        return "null" if value is None else format(value, spec)
+        return "-" if value is None else format(value, spec)
 
-    ceiling = report["vae_ceiling"]
-    log(f"eval {report['split']}: {report['num_images']} images | tokenizer rFID {fmt(report['rfid'], '.3f')} "
-        f"PSNR {fmt(report['psnr'], '.2f')} SSIM {fmt(report['ssim'], '.3f')} LPIPS {fmt(report['lpips'], '.3f')} | "
-        f"VAE ceiling rFID {fmt(ceiling['rfid'], '.3f')} PSNR {fmt(ceiling['psnr'], '.2f')} | latent MSE "
-        f"{fmt(report['latent_mse'], '.4f')} (quantized {fmt(report['latent_mse_quantized'], '.4f')}) | usage "
-        f"{fmt(report['codebook_usage'], '.1%')} perplexity {fmt(report['perplexity'], '.1f')} | "
+    table = Table(title=f"eval {report['split']}: {report['num_images']} images ({report['protocol']['level']})")
+    for column in ("", "rFID", "IS", "PSNR", "PSNR-Y", "SSIM", "LPIPS"):
+        table.add_column(column, justify="left" if not column else "right")
+    for name, scope in (("tokenizer", report), ("VAE ceiling", report["vae_ceiling"])):
+        table.add_row(name, fmt(scope["rfid"], ".3f"), fmt(scope["inception_score"], ".2f"), fmt(scope["psnr"], ".2f"),
+                      fmt(scope["psnr_y"], ".2f"), fmt(scope["ssim"], ".4f"), fmt(scope["lpips"], ".4f"))
+    console.print(table)
+    log(f"latent MSE {fmt(report['latent_mse'], '.4f')} (quantized {fmt(report['latent_mse_quantized'], '.4f')}) | "
+        f"usage {fmt(report['codebook_usage'], '.1%')} perplexity {fmt(report['perplexity'], '.1f')} | "
         f"{report['bits_per_image']:.0f} bits/image")
-    if any(report["missing"].get(m) for m in ("rfid", "lpips")) and "--from-cache" not in str(report["missing"]):
-        log("to compute rFID / Inception Score / LPIPS, pass --fid-weights FILE and --lpips-weights FILE "
-            "(or set REVQ_FID_WEIGHTS / REVQ_LPIPS_WEIGHTS); the reasons are in the report's 'missing'")
-    log(f"report written to {path}")
+    reasons = sorted(set(report["missing"].values()))
+    for reason in reasons:  # each reason once, however many metrics it nulls
+        metrics = [m for m, r in report["missing"].items() if r == reason and not m.startswith("vae_ceiling.")]
+        log(f"null ({', '.join(metrics) or 'VAE ceiling'}): {reason}")
+    log(f"report {'replaced at' if replaced else 'written to'} {path}")

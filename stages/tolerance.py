@@ -13,23 +13,22 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from revq_pipe.cache.reader import rank_slice
+from revq_pipe.pipeline.files import atomic_path, atomic_write_text
 from revq_pipe.pipeline.images import to_uint8
 from revq_pipe.stages.config import RevqConfig, save_config
 from revq_pipe.stages.console import log, progress
-from revq_pipe.stages.datasets import open_image_dataset
-from revq_pipe.stages.distributed import DistContext, init_distributed, shutdown_distributed
-from revq_pipe.stages.eval_common import (add_latent_errors, image_batches, load_matching_vae, load_tokenizer, rank_batches,
-                                reconstruct, resolution_of, tokenizer_identity)
+from revq_pipe.stages.datasets import contiguous_batches, image_batches, open_image_dataset
+from revq_pipe.stages.distributed import DistContext, distributed
 from revq_pipe.stages.eval_metrics import FID_BACKEND, ReconstructionMetrics, load_metric_networks
+from revq_pipe.stages.run_dir import TOKENIZER_DIR, image_resolution, load_tokenizer, tokenizer_identity, tokenizer_vae
 
 TOKENIZER_POINTS = ("quantized", "rectified")
 TOLERANCE_METRICS = ("psnr", "ssim", "rfid", "lpips")
@@ -37,13 +36,8 @@ TOLERANCE_METRICS = ("psnr", "ssim", "rfid", "lpips")
 
 def run_tolerance(cfg: RevqConfig, *, run: str, images: str) -> Path:
     """Measure the decoder's latent-noise tolerance with the tokenizer on the curve; returns RUN/tolerance.json."""
-    owns_process_group = not (dist.is_available() and dist.is_initialized())
-    ctx = init_distributed(cfg.vae.device)
-    try:
+    with distributed(cfg.vae.device) as ctx:
         return _tolerance(cfg, Path(run), images, ctx)
-    finally:
-        if owns_process_group:
-            shutdown_distributed(ctx)
 
 
 def _label(sigma: float) -> str:
@@ -57,13 +51,13 @@ def _tolerance(cfg: RevqConfig, run: Path, images: str, ctx: DistContext) -> Pat
         raise ValueError(f"tolerance.sigmas={sigmas} must be a non-empty list of non-negative numbers")
     # --- setup: tokenizer, VAE, data, noise ---------------------------------------------------------
     tokenizer = load_tokenizer(run, ctx.device)
-    if ctx.is_main:
-        save_config(cfg, run / "tolerance.config.yaml")
-    vae = load_matching_vae(cfg, tokenizer, ctx.device)
-    resolution = resolution_of(tokenizer, cfg)
+    vae = tokenizer_vae(cfg, tokenizer, ctx.device)
+    resolution = image_resolution(tokenizer, cfg)
     dataset = open_image_dataset(images)
     num_inputs = len(dataset) if cfg.tolerance.limit <= 0 else min(cfg.tolerance.limit, len(dataset))
     nets = load_metric_networks(cfg.eval.fid_weights, cfg.eval.lpips_weights, ctx.device)
+    if ctx.is_main:
+        save_config(cfg, run / "tolerance.config.yaml")
     # one draw for all sigmas and ranks: row i belongs to image i whatever the world size
     noise = torch.randn((num_inputs, *tokenizer.latent_shape), generator=torch.Generator().manual_seed(cfg.train.seed))
     log(f"tolerance: {num_inputs} images from {images}, sigmas {sigmas}")
@@ -72,19 +66,19 @@ def _tolerance(cfg: RevqConfig, run: Path, images: str, ctx: DistContext) -> Pat
     sources = [_label(s) for s in sigmas] + list(TOKENIZER_POINTS)
     metrics = ReconstructionMetrics(sources, nets, ctx.device)
     errors = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # values, quantized SSE, rectified SSE
-    batches = rank_batches(num_inputs, cfg.eval.batch_size, ctx)
+    batches = contiguous_batches(*rank_slice(num_inputs, ctx.rank, ctx.world_size), cfg.eval.batch_size)
     with progress(sum(map(len, batches)), "tolerance", enabled=ctx.is_main) as bar:
         for batch in image_batches(dataset, batches, resolution, cfg.encode.num_workers, ctx.device):
             if batch.images is not None:
                 with torch.no_grad():
-                    rec = reconstruct(tokenizer, vae, batch.images)  # clean x0 = rec.vae, rectified = rec.tokenizer
-                    tokens, eps = rec.tokens, noise[batch.indices].to(ctx.device)
-                    decoded = {_label(s): to_uint8(vae.decode(tokenizer.normalizer.denormalize(tokens.clean + s * eps)))
+                    rec = tokenizer.reconstruct(batch.images)  # clean x0 = rec.vae, rectified = rec.tokenizer
+                    latents, eps = rec.latents, noise[batch.indices].to(ctx.device)
+                    decoded = {_label(s): to_uint8(vae.decode(tokenizer.destandardize(latents.clean + s * eps)))
                                for s in sigmas}
-                    decoded["quantized"] = to_uint8(vae.decode(tokenizer.normalizer.denormalize(tokens.quantized)))
+                    decoded["quantized"] = to_uint8(vae.decode(tokenizer.destandardize(latents.quantized)))
                     decoded["rectified"] = rec.tokenizer
                 metrics.update(rec.vae, decoded, torch.tensor(batch.indices))
-                add_latent_errors(errors, tokens)
+                errors += latents.squared_errors()
             bar.advance(len(batch.indices) + len(batch.skipped))
 
     # --- finish: merge ranks, JSON, figure -----------------------------------------------------------
@@ -94,9 +88,7 @@ def _tolerance(cfg: RevqConfig, run: Path, images: str, ctx: DistContext) -> Pat
     report["elapsed_s"] = round(time.perf_counter() - start, 3)
     path = run / "tolerance.json"
     if ctx.is_main:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(report, indent=2) + "\n")
         figure = plot_tolerance(report, run / "tolerance.png")
         log(f"tolerance written to {path} and {figure}")
     return path
@@ -135,7 +127,7 @@ def _report(metrics, errors, sigmas, nets, tokenizer, vae, run, num_inputs, seed
             "image": tokenizer.image_recipe,
             "num_images_requested": num_inputs,
         },
-        "tokenizer": tokenizer_identity(run),
+        "tokenizer": tokenizer_identity(run / TOKENIZER_DIR),
         "vae": vae.identity,
     }
 
@@ -160,7 +152,6 @@ def plot_tolerance(report: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"Decoder tolerance to latent noise ({report['num_images']} images)")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     return path

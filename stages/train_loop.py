@@ -1,118 +1,55 @@
-"""Pieces of stage two: where the latents live, one training epoch, validation, usage counting."""
+"""Pieces of stage two: the learning-rate schedule, the trained parts and their state, one training epoch,
+validation."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from revq_pipe.cache.reader import LatentCache
+from revq_pipe.cache.loader import LatentSource
 from revq_pipe.pipeline.normalizer import LatentNormalizer
-from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
+from revq_pipe.pipeline.quantizer import CodeUsage, MultiGroupQuantizer
 from revq_pipe.stages.console import log
 from revq_pipe.stages.distributed import DistContext
 
-# Independent random streams derived from (seed, stream, epoch): each is reproducible on its own,
-# so resuming at an epoch boundary replays exactly what an uninterrupted run would have done.
-INIT_STREAM, SHUFFLE_STREAM, RESET_STREAM = 0, 1, 2
-_RESIDENT_FRACTION = 0.5  # "auto" keeps a split resident when it takes at most this share of free memory
+@dataclass
+class LrSchedule:
+    """The learning rate of both parameter groups at every step, a pure function of (epoch, step).
 
-
-def derived_generator(seed: int, stream: int, epoch: int = 0) -> torch.Generator:
-    """A CPU generator seeded from (seed, stream, epoch), identical on every rank."""
-    words = np.random.SeedSequence([seed % 2**63, stream, epoch]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
-
-
-def lr_factor(epoch: int, epochs: int, final_fraction: float) -> float:
-    """Exponential decay once per epoch: 1 at epoch 0, final_fraction at the last epoch."""
-    if epochs <= 1:
-        return 1.0
-    return final_fraction ** (epoch / (epochs - 1))
-
-
-# --- data -------------------------------------------------------------------------------------
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-class LatentSource:
-    """One split's raw latents: resident on the training device when it fits, else streamed from Zarr.
-
-    Args:
-        cache: the opened split.
-        device: the training device.
-        policy: "auto" (resident when it takes at most half the free memory), "always" or "never".
+    Exponential decay once per epoch, from 1 at epoch 0 to `final_fraction` at epoch
+    `schedule_epochs - 1` (METHOD.md). Past that epoch, as when a finished run is extended, the
+    decay continues at the same per-epoch rate, below `final_fraction`: an extended run therefore
+    differs from one started with more epochs (whose decay is slower), and says so in its log.
+    The rectifier's rate also ramps up linearly over its first `rectifier_warmup_steps` steps: the
+    identity-initialised rectifier would otherwise take full-size Adam steps on its first, noisy
+    gradients and end its first epoch worse than the raw quantized latent.
+    Being a pure function, it needs no state of its own in a checkpoint beyond its arguments.
     """
 
-    def __init__(self, cache: LatentCache, device: torch.device, policy: str) -> None:
-        self.cache = cache
-        self.device = device
-        self.num_samples = cache.num_samples
-        itemsize = 2 if cache.manifest.latent_dtype == "float16" else 4
-        self.nbytes = self.num_samples * int(np.prod(cache.latent_shape)) * itemsize
-        self.resident = policy == "always" or (
-            policy == "auto" and self.nbytes <= _RESIDENT_FRACTION * _free_bytes(device))
-        # kept in the stored dtype (float16 halves the footprint); batches are cast to float32
-        self.data = cache.load_latents(device) if self.resident else None  # (N, C, H, W)
+    codebook_lr: float
+    rectifier_lr: float
+    schedule_epochs: int
+    final_fraction: float
+    rectifier_warmup_steps: int = 0
 
-    def describe(self) -> str:
-        where = f"resident on {self.device}" if self.resident else "streamed from Zarr"
-        return f"{self.cache.path}: {self.num_samples} latents {tuple(self.cache.latent_shape)}, " \
-               f"{self.nbytes / 2**20:,.1f} MiB, {where}"
+    def epoch_factor(self, epoch: int) -> float:
+        if self.schedule_epochs <= 1:
+            return 1.0
+        return self.final_fraction ** (epoch / (self.schedule_epochs - 1))
 
-    def steps_per_epoch(self, batch_size: int, world_size: int) -> int:
-        """Full batches per rank per epoch; the same on every rank (the remainder is dropped)."""
-        return self.num_samples // world_size // batch_size
+    def rates(self, epoch: int, step: int) -> tuple[float, float]:
+        """(codebook lr, rectifier lr) for the optimizer step taken after `step` earlier steps."""
+        factor = self.epoch_factor(epoch)
+        warmup = min(1.0, (step + 1) / self.rectifier_warmup_steps) if self.rectifier_warmup_steps > 0 else 1.0
+        return self.codebook_lr * factor, self.rectifier_lr * factor * warmup
 
-    def epoch_batches(self, batch_size: int, *, seed: int, epoch: int,
-                      ctx: DistContext) -> Iterator[torch.Tensor]:
-        """This rank's shuffled float32 batches (B, C, H, W) of one epoch, on the device."""
-        steps = self.steps_per_epoch(batch_size, ctx.world_size)
-        if not self.resident:
-            stream = self.cache.iter_batches(batch_size, seed=seed, epoch=epoch, shuffle=True,
-                                             rank=ctx.rank, world_size=ctx.world_size, drop_last=True)
-            for _, batch in zip(range(steps), stream):
-                yield batch.to(self.device, non_blocking=True)
-            return
-        order = torch.randperm(self.num_samples, generator=derived_generator(seed, SHUFFLE_STREAM, epoch))
-        mine = order[ctx.rank * steps * batch_size:(ctx.rank + 1) * steps * batch_size].to(self.device)
-        for index in mine.view(steps, batch_size):
-            yield self.data[index].float()
-
-    def shard_batches(self, batch_size: int, ctx: DistContext) -> Iterator[torch.Tensor]:
-        """This rank's contiguous slice of the split in storage order (for validation), all samples."""
-        if not self.resident:
-            yield from (b.to(self.device) for b in self.cache.iter_batches(
-                batch_size, seed=0, epoch=0, shuffle=False, rank=ctx.rank, world_size=ctx.world_size))
-            return
-        lo = ctx.rank * self.num_samples // ctx.world_size
-        hi = (ctx.rank + 1) * self.num_samples // ctx.world_size
-        for start in range(lo, hi, batch_size):
-            yield self.data[start:min(start + batch_size, hi)].float()
-
-    def sample(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        """`count` distinct latents (float32, on the device), drawn without replacement."""
-        if self.resident:
-            return self.data[torch.randperm(self.num_samples, generator=generator)[:count].to(self.device)].float()
-        # streaming: the first `count` latents of a shuffled pass (chunks in random order)
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        taken, parts = 0, []
-        for batch in self.cache.iter_batches(min(count, 4096), seed=seed, epoch=0, shuffle=True):
-            parts.append(batch[:count - taken])
-            taken += len(parts[-1])
-            if taken >= count:
-                break
-        return torch.cat(parts).to(self.device)
+    def apply(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
+        for group, lr in zip(optimizer.param_groups, self.rates(epoch, step)):
+            group["lr"] = lr
 
 
 # --- one epoch --------------------------------------------------------------------------------
@@ -130,19 +67,13 @@ class TrainParts:
     train_rectifier: bool  # False for kind "none" (identity: no loss, no parameters)
     grad_clip: float
     bf16: bool  # autocast the rectifier to bfloat16 (CUDA only)
-    counts: torch.Tensor = field(init=False)  # (T, K) int64 code usage of the running epoch
+    usage: CodeUsage = field(init=False)  # code usage of the running epoch (the non-activation reset's input)
     rect_params: list[torch.nn.Parameter] = field(init=False)  # clipped as one group every step
 
     def __post_init__(self) -> None:
         q = self.quantizer
         self.rect_params = [p for p in self.rectifier.parameters() if p.requires_grad]
-        self.counts = torch.zeros(q.num_tokens, q.codebook_size, dtype=torch.int64, device=q.codebooks.device)
-        self._offsets = torch.arange(q.num_tokens, device=q.codebooks.device) * q.codebook_size  # (T,)
-
-    def count_usage(self, ids: torch.Tensor) -> None:
-        """Add one use per (position, id) in ids (B, T)."""
-        flat = (ids + self._offsets).reshape(-1)
-        self.counts.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        self.usage = CodeUsage(q.num_tokens, q.codebook_size, q.codebooks.device)
 
     def rectifier_output(self, quantized: torch.Tensor, module: Callable) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.bf16):
@@ -172,7 +103,7 @@ def train_step(parts: TrainParts, batch: torch.Tensor, ctx: DistContext | None =
     q, opt = parts.quantizer, parts.optimizer
     z = parts.normalizer.normalize(batch)  # (B, C, H, W) standardized
     out = q(z)
-    parts.count_usage(out.ids)
+    parts.usage.add(out.ids)
     loss = out.codebook_loss
     if parts.train_rectifier:
         rect_mse = F.mse_loss(parts.rectifier_output(out.quantized.detach(), parts.rectify), z)
@@ -191,8 +122,8 @@ def train_step(parts: TrainParts, batch: torch.Tensor, ctx: DistContext | None =
     return loss.detach(), out.codebook_loss.detach(), rect_mse.detach()
 
 
-def train_epoch(parts: TrainParts, batches: Iterator[torch.Tensor], *, epoch: int, step: int,
-                ctx: DistContext, log_every: int, log_prefix: str) -> dict[str, float]:
+def train_epoch(parts: TrainParts, batches: Iterator[torch.Tensor], schedule: LrSchedule, *, epoch: int, step: int,
+                ctx: DistContext, log_every: int, log_prefix: str, total_steps: int | None = None) -> dict[str, float]:
     """One pass over this rank's batches; returns the epoch's mean MSEs (all ranks) and step/sample counts."""
     device = parts.quantizer.codebooks.device
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # quant MSE, rect MSE summed over steps
@@ -201,6 +132,7 @@ def train_epoch(parts: TrainParts, batches: Iterator[torch.Tensor], *, epoch: in
     steps = samples = 0
     start = last = time.perf_counter()
     for batch in batches:
+        schedule.apply(parts.optimizer, epoch, step)
         loss, quant_mse, rect_mse = train_step(parts, batch, ctx)
 
         step += 1
@@ -216,8 +148,10 @@ def train_epoch(parts: TrainParts, batches: Iterator[torch.Tensor], *, epoch: in
             now = time.perf_counter()
             quant, rect = (window[:2] / window[2]).tolist()
             rate = window[2].item() * batch.shape[0] * ctx.world_size / max(now - last, 1e-9)
+            eta = "" if total_steps is None else \
+                f" epoch eta {(total_steps - steps) * (now - start) / steps:,.0f} s"
             log(f"{log_prefix} step {step} loss {quant + rect:.5f} quant_mse {quant:.5f} rect_mse {rect:.5f} "
-                f"{rate:,.0f} samples/s{_memory_note(device)}")
+                f"{rate:,.0f} samples/s{eta}{_memory_note(device)}")
             window.zero_()
             last = now
     _raise_if_non_finite(first_bad, epoch, ctx)
@@ -255,7 +189,7 @@ def validate(parts: TrainParts, source: LatentSource, batch_size: int, ctx: Dist
     device = parts.quantizer.codebooks.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # quant SSE, rect SSE, elements
     parts.rectifier.eval()
-    for batch in source.shard_batches(batch_size, ctx):
+    for batch in source.shard_batches(batch_size):
         z = parts.normalizer.normalize(batch)
         quantized = parts.quantizer(z).quantized
         rectified = parts.rectifier_output(quantized, parts.rectifier)
@@ -264,3 +198,37 @@ def validate(parts: TrainParts, source: LatentSource, batch_size: int, ctx: Dist
     parts.rectifier.train()
     ctx.all_reduce_sum_(sums)
     return {"val_quant_mse": (sums[0] / sums[2]).item(), "val_rect_mse": (sums[1] / sums[2]).item()}
+
+
+# --- resumable state ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds: the trained parts, the optimizer, where the run stands, the RNG."""
+
+    parts: TrainParts
+    schedule_epochs: int  # the epochs the learning-rate decay was laid out for (kept when a run is extended)
+    epoch: int = 0  # finished epochs
+    step: int = 0  # optimizer steps taken
+    elapsed_s: float = 0.0  # training, validation and reset time so far
+
+    def state_dict(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"epoch": self.epoch, "step": self.step, "elapsed_s": self.elapsed_s,
+                "schedule_epochs": self.schedule_epochs, "quantizer": self.parts.quantizer.state_dict(),
+                "rectifier": self.parts.rectifier.state_dict(), "optimizer": self.parts.optimizer.state_dict(),
+                "rng": rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.parts.quantizer.load_state_dict(state["quantizer"])
+        self.parts.rectifier.load_state_dict(state["rectifier"])
+        self.parts.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.elapsed_s = state["epoch"], state["step"], state["elapsed_s"]
+        self.schedule_epochs = state["schedule_epochs"]
+        torch.set_rng_state(state["rng"]["torch"])
+        cuda = state["rng"].get("cuda")
+        if torch.cuda.is_available() and cuda is not None and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)

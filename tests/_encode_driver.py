@@ -9,9 +9,7 @@ test can kill the process between units.
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 
 from revq_pipe.cache.writer import CacheWriter  # noqa: E402

@@ -15,13 +15,12 @@ import hashlib
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 
 import revq_pipe.stages.train as train  # noqa: E402
 from revq_pipe.stages.config import load_config  # noqa: E402
-from revq_pipe.stages.train_loop import LatentSource  # noqa: E402
+from revq_pipe.cache.loader import LatentSource  # noqa: E402
 
 
 def kill_mid_epoch(epoch: int, batches: int) -> None:

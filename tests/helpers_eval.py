@@ -8,7 +8,6 @@ codebooks sampled from its standardized latents, a small ViT rectifier nudged aw
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +94,7 @@ def build_tokenizer(cache: LatentCache, seed: int = 0) -> RevqTokenizer:
     with torch.no_grad():  # not the identity, so rectified and quantized latents differ
         for p in rectifier.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=generator))
-    return RevqTokenizer(normalizer, quantizer, rectifier, config={"rectifier": dataclasses.asdict(spec)},
+    return RevqTokenizer(normalizer, quantizer, rectifier, rectifier_spec=spec,
                          vae_identity=cache.manifest.vae, image_recipe=cache.manifest.image)
 
 

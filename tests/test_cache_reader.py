@@ -79,7 +79,7 @@ def test_check_compatible(tmp_path, store):
     cache = LatentCache.open(store)
     cache.check_compatible(cache)
     build_store(tmp_path / "kl.zarr", 6, vae_identity={"source": "x", "class": "AutoencoderKL", "weights_sha256": "1"})
-    with pytest.raises(CacheError, match="re-encode one of them"):
+    with pytest.raises(CacheError, match="VAE mismatch.*same VAE"):
         cache.check_compatible(LatentCache.open(tmp_path / "kl.zarr"))
     build_store(tmp_path / "big.zarr", 6, latent_shape=(4, 2, 4))
     with pytest.raises(CacheError, match="shape"):

@@ -13,17 +13,29 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def test_defaults_expand_root():
+def test_defaults_expand_root_into_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     cfg = load_config()
-    assert cfg.train.run == "artifacts/runs/demo"
-    assert cfg.data.train_cache == "artifacts/cache/train.zarr"
-    assert cfg.tokenize.out == "artifacts/tokens/{split}.zarr"  # {split} is the stage's to fill
+    assert cfg.train.run == str(tmp_path / "artifacts/runs/demo")
+    assert cfg.data.train_cache == str(tmp_path / "artifacts/cache/train.zarr")
+    assert cfg.tokenize.out == str(tmp_path / "artifacts/tokens/{split}.zarr")  # {split} is the stage's to fill
+    assert Path(cfg.vae.source).is_absolute() and (Path(cfg.vae.source) / "config.json").is_file()
 
 
-def test_precedence_yaml_then_set_then_flags(tmp_path):
+def test_urls_stay_urls_and_relative_paths_resolve_against_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.train_cache=s3://bucket/train.zarr", "train.run=runs/a",
+                             "vae.source=org/some-hub-model"])
+    assert cfg.data.train_cache == "s3://bucket/train.zarr"
+    assert cfg.train.run == str(tmp_path / "runs/a")
+    assert cfg.vae.source == "org/some-hub-model"  # no such local folder: left for the hub
+
+
+def test_precedence_yaml_then_set_then_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     preset = write_yaml(tmp_path / "p.yaml", {"train": {"epochs": 7, "batch_size": 64}, "paths": {"root": "out"}})
     cfg = load_config(preset)
-    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.run) == (7, 64, "out/runs/demo")
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.run) == (7, 64, str(tmp_path / "out/runs/demo"))
     cfg = load_config(preset, ["train.epochs=9"])
     assert (cfg.train.epochs, cfg.train.batch_size) == (9, 64)
     cfg = load_config(preset, ["train.epochs=9"], {"train.epochs": 11, "train.batch_size": None})

@@ -44,7 +44,7 @@ def test_paper_presets_follow_the_method(name):
     assert (t.epochs, t.batch_size, t.codebook_lr, t.codebook_weight_decay) == (100, 256, 1e-2, 0.0)
     assert (t.rectifier_lr, t.rectifier_weight_decay, t.final_lr_fraction, t.grad_clip) == (5e-4, 1e-4, 0.05, 1.0)
     assert cfg.quantizer.reset and (cfg.quantizer.reset_fraction, cfg.quantizer.reset_noise) == (0.2, 0.1)
-    assert cfg.data.resolution == 256 and cfg.vae.source == "mit-han-lab/dc-ae-f32c32-in-1.0-diffusers"
+    assert cfg.data.resolution == 256 and cfg.vae.source == "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
     assert t.run.endswith(f"runs/{name}")
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from revq_pipe.pipeline.quantizer import (MultiGroupQuantizer, codebook_usage, count_ids, perplexity, plan_search)
+from revq_pipe.pipeline.quantizer import (MultiGroupQuantizer, CodeUsage, codebook_usage, perplexity, plan_search)
 
 
 def brute_force(tokens: torch.Tensor, codebooks: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
@@ -233,8 +233,13 @@ def test_reset_noise_is_gaussian_and_deterministic():
 
 def test_counts_usage_and_perplexity():
     ids = torch.tensor([[0, 2], [0, 1], [3, 1], [0, 1]])  # B=4, T=2
-    counts = count_ids(ids, 4)
+    usage = CodeUsage(2, 4)
+    assert usage.summary() == {"codebook_usage": None, "dead_codes": 8, "perplexity": None}
+    usage.add(ids[:2])
+    usage.add(ids[2:])
+    counts = usage.counts
     assert torch.equal(counts, torch.tensor([[3, 0, 0, 1], [0, 3, 1, 0]]))
+    assert usage.summary()["dead_codes"] == 4 and usage.summary()["codebook_usage"] == pytest.approx(0.5)
     assert codebook_usage(counts) == pytest.approx(0.5)
     entropy = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     assert perplexity(counts) == pytest.approx(math.exp(entropy))

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from revq_pipe.pipeline.rectifier import EfficientViTRectifier, build_rectifier
-from revq_pipe.pipeline.rectifier_spec import PRESETS, RectifierSpec
+from revq_pipe.pipeline.rectifier_spec import RectifierSpec
+from revq_pipe.stages.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 TINY = RectifierSpec(kind="vit", width=16, depth=1, head_dim=8)
 
@@ -44,8 +49,9 @@ def test_residual_rectifier_learns():
 
 @pytest.mark.parametrize("name,millions", [("512T", 14.07), ("256T-B", 72.97), ("256T-L", 18.66)])
 def test_presets_have_the_published_parameter_counts(name, millions):
+    spec = load_config(CONFIGS / f"{name}.yaml").rectifier  # the YAML presets are the one source
     with torch.device("meta"):  # shapes only: nothing is allocated or run
-        rectifier = build_rectifier(PRESETS[name], 32)
+        rectifier = build_rectifier(spec, 32)
     count = sum(p.numel() for p in rectifier.parameters())
     assert count == pytest.approx(millions * 1e6, rel=0.01)
 

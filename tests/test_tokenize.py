@@ -20,7 +20,6 @@ from revq_pipe.pipeline.tokenizer import RevqTokenizer
 from revq_pipe.pipeline.vae import FrozenVAE
 from revq_pipe.stages.datasets import open_image_dataset
 from revq_pipe.stages.datasets import DecodedImages
-from revq_pipe.stages.eval_common import reconstruct
 from revq_pipe.stages.tokenize import run_tokenize
 
 
@@ -54,12 +53,17 @@ def test_export_from_images_decodes_to_the_evaluation_reconstruction(setup, tmp_
     tokenizer = RevqTokenizer.from_pretrained(setup.run / "tokenizer", vae=vae, device="cpu")
     dataset = open_image_dataset(setup.images)
     decoded = [DecodedImages(dataset, RESOLUTION)[i] for i in range(len(dataset))]
-    rec = reconstruct(tokenizer, vae, torch.stack([x for _, x, _ in decoded if x is not None]))
-    assert torch.equal(torch.from_numpy(ids.astype(np.int64)), rec.tokens.ids)
+    rec = tokenizer.reconstruct(torch.stack([x for _, x, _ in decoded if x is not None]))
+    assert torch.equal(torch.from_numpy(ids.astype(np.int64)), rec.latents.ids)
     assert torch.equal(to_uint8(tokenizer.decode(torch.from_numpy(ids.astype(np.int64)))), rec.tokenizer)
 
+    # the identical export again is a no-op; another export into the same store is refused
+    before = (out / "zarr.json").stat().st_mtime_ns
+    assert run_tokenize(setup.cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                        out=str(out), overwrite=False) == out
+    assert (out / "zarr.json").stat().st_mtime_ns == before
     with pytest.raises(CacheError, match="--overwrite"):
-        run_tokenize(setup.cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+        run_tokenize(setup.cfg, run=str(setup.run), split="test", images=str(setup.images), cache=None,
                      out=str(out), overwrite=False)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from helpers_vae import make_tiny_vae
 from revq_pipe.pipeline.normalizer import LatentNormalizer
@@ -34,7 +35,7 @@ def tiny_tokenizer(num_tokens: int = 256, codebook_size: int = 8, vae_identity=N
         for p in rectifier.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
     identity = vae_identity or {"source": None, "class": None, "weights_sha256": None}
-    return RevqTokenizer(normalizer, quantizer, rectifier, config={"rectifier": dataclasses.asdict(spec)},
+    return RevqTokenizer(normalizer, quantizer, rectifier, rectifier_spec=spec,
                          vae_identity=identity, image_recipe=RECIPE)
 
 
@@ -95,13 +96,50 @@ def test_images_round_trip_through_the_vae(tmp_path):
     decoded = loaded.decode(ids)
     assert decoded.shape == (2, 3, 64, 64) and decoded.min() >= -1 and decoded.max() <= 1
     torch.testing.assert_close(decoded, vae.decode(tokenizer.ids_to_latents(ids)).clamp(-1, 1))
-    with pytest.raises(ValueError, match=r"expects \(B, 3, 64, 64\)"):
+    with pytest.raises(ValueError, match=r"expected \(B, 3, 64, 64\)"):
         loaded.encode(torch.zeros(1, 3, 32, 32))
 
     other = FrozenVAE.load(str(make_tiny_vae(tmp_path, seed=1)), device="cpu")
-    mismatched = RevqTokenizer.from_pretrained(tmp_path / "tok", vae=other, device="cpu")
-    with pytest.raises(ValueError, match="not the one"):
-        mismatched.encode(images)
+    with pytest.raises(ValueError, match="VAE mismatch"):
+        RevqTokenizer.from_pretrained(tmp_path / "tok", vae=other, device="cpu")
+
+
+def test_encode_takes_what_users_hold_and_refuses_the_wrong_value_range(tmp_path):
+    vae = FrozenVAE.load(str(make_tiny_vae(tmp_path)), device="cpu")
+    tokenizer = tiny_tokenizer(vae_identity=vae.identity)
+    tokenizer.attach_vae(vae)
+    pixels = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    expected = tokenizer.encode(pixels)
+    hwc = pixels.permute(0, 2, 3, 1).numpy()  # (B, H, W, 3) uint8
+    assert torch.equal(tokenizer.encode(hwc), expected)
+    assert torch.equal(tokenizer.encode([Image.fromarray(a) for a in hwc]), expected)
+    assert torch.equal(tokenizer.encode(Image.fromarray(hwc[0])), expected[:1])
+    assert torch.equal(tokenizer.encode(pixels.float() / 127.5 - 1), expected)
+    assert torch.equal(tokenizer.encode(pixels[0]), expected[:1])  # one (3, R, R) image
+    # a larger PIL image goes through the recipe: shorter side resized, centre crop
+    big = Image.fromarray(hwc[0]).resize((128, 96))
+    assert tokenizer.encode(big).shape == (1, 256)
+
+    unit = pixels.float() / 255  # torchvision's ToTensor range
+    with pytest.raises(ValueError, match=r"\[0, 1\] data.*expects \[-1, 1\]"):
+        tokenizer.encode(unit)
+    assert torch.equal(tokenizer.encode(unit, value_range=(0, 1)), tokenizer.encode(unit * 2 - 1))
+    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+        tokenizer.encode(pixels.float())
+    with pytest.raises(ValueError, match="HWC uint8"):
+        tokenizer.encode(hwc.astype(np.float32))
+
+    # decode takes ids as the token store holds them: numpy, any integer dtype
+    ids = expected.numpy().astype(np.uint16)
+    torch.testing.assert_close(tokenizer.decode(ids), tokenizer.decode(expected))
+    with pytest.raises(ValueError, match="integers"):
+        tokenizer.decode(ids.astype(np.float32))
+
+
+def test_the_package_exports_the_tokenizer():
+    from revq_pipe.pipeline import RevqTokenizer as exported
+
+    assert exported is RevqTokenizer
 
 
 @pytest.mark.parametrize("num_tokens, expected", [

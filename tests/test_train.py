@@ -207,5 +207,29 @@ def test_non_finite_loss_names_epoch_and_step(caches, tmp_path):
 
 def test_refuses_a_different_config_in_a_run_with_a_checkpoint(caches, tmp_path):
     run_train(tiny_config(caches, tmp_path / "run", "train.epochs=1"))
-    with pytest.raises(ValueError, match=r"train.epochs: 1 -> 2.*new --run"):
-        run_train(tiny_config(caches, tmp_path / "run", "train.epochs=2"))
+    before = (tmp_path / "run" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"train.codebook_lr: 0.01 -> 0.02.*new --run"):
+        run_train(tiny_config(caches, tmp_path / "run", "train.epochs=1", "train.codebook_lr=0.02"))
+    assert (tmp_path / "run" / "config.yaml").read_text() == before, "a refused start must not rewrite config.yaml"
+
+
+def test_a_finished_run_is_a_no_op_can_be_extended_and_never_shrinks(caches, tmp_path):
+    run = tmp_path / "run"
+    run_train(tiny_config(caches, run, "train.epochs=2"))
+    checkpoint = (run / "checkpoint.pt").stat().st_mtime_ns
+    # settings that do not change the training computation may differ; nothing is retrained
+    run_train(tiny_config(caches, run, "train.epochs=2", "train.log_every=3", "eval.limit=5"))
+    assert (run / "checkpoint.pt").stat().st_mtime_ns == checkpoint and len(read_metrics(run)) == 2
+    with pytest.raises(ValueError, match=r"already holds 2 finished epochs.*--epochs 2"):
+        run_train(tiny_config(caches, run, "train.epochs=1"))
+    run_train(tiny_config(caches, run, "train.epochs=3"))
+    metrics = read_metrics(run)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    # the decay keeps its per-epoch rate (laid out for 2 epochs): epoch 3 runs below the final fraction
+    assert metrics[2]["codebook_lr"] == pytest.approx(1e-2 * 0.05 ** 2)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["schedule_epochs"] == 2
+
+
+def test_an_empty_run_directory_is_refused(caches, tmp_path):
+    with pytest.raises(ValueError, match="train.run is empty"):
+        run_train(load_config(None, [*tiny_overrides(caches, tmp_path / "run"), "train.run="], {}))

@@ -1,0 +1,28 @@
+"""Whether the Hugging Face hub can be reached, decided in seconds instead of a minute of retries.
+
+huggingface_hub retries a failed request five times with back-off (~30 s) before giving up. A
+hub id on a machine without network should fail at once and say that the network is the cause.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+CONNECT_TIMEOUT_S = 3.0
+
+
+def hub_unreachable_reason() -> str | None:
+    """None when the hub endpoint accepts a TCP connection, else why it cannot be used."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S):
+            return None
+    except OSError as error:
+        return f"no network connection to {host}:{port} ({type(error).__name__}: {error})"

@@ -1,0 +1,207 @@
+"""The training run directory: what a run records, how it resumes, and what later commands read from it.
+
+    RUN/config.yaml        the resolved config of the last training start
+    RUN/metrics.jsonl      one JSON line per finished epoch
+    RUN/checkpoint.pt      the state after the last finished epoch (atomic)
+    RUN/tokenizer/         the finished tokenizer (RevqTokenizer.from_pretrained)
+
+Starting a run whose directory holds a checkpoint resumes it. Settings that change what training
+computes must be the same; settings that only change how it is logged or what other commands do
+may change, and `train.epochs` may grow to extend the run (see `resume_plan`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from revq_pipe.pipeline.files import atomic_path, atomic_write_text
+from revq_pipe.pipeline.tokenizer import WEIGHTS_NAME, RevqTokenizer
+from revq_pipe.pipeline.vae import FrozenVAE
+from revq_pipe.stages.config import DEMO_VAE, RevqConfig, config_from_dict, config_to_dict, save_config
+from revq_pipe.stages.console import log
+from revq_pipe.stages.distributed import DistContext
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CONFIG_NAME = "config.yaml"
+METRICS_NAME = "metrics.jsonl"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_FORMAT = "revq-train-checkpoint"
+CHECKPOINT_VERSION = 2  # 2: the schedule is a pure function of (epoch, step); schedule_epochs recorded
+
+# Settings a resumed run may change: they do not change what training computes. Everything else
+# (data, quantizer, rectifier, optimizer, schedule, seed, placement) must match the checkpoint.
+RESUME_FREE_SECTIONS = ("paths", "vae", "encode", "eval", "tokenize", "tolerance")
+RESUME_FREE_KEYS = ("data.train_images", "data.val_images", "data.resolution", "train.run", "train.log_every",
+                    "train.epochs", "train.device", "quantizer.search_memory_mb")
+
+
+# --- resuming -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ResumePlan:
+    """What `revq-pipe train` does with a run directory."""
+
+    checkpoint: dict[str, Any] | None  # the state to resume from; None starts fresh
+    finished: bool  # the checkpoint already holds cfg.train.epochs epochs: nothing to train
+
+
+def resume_plan(cfg: RevqConfig, ctx: DistContext) -> ResumePlan:
+    """Read the run directory (every rank) and decide: start, resume, extend, or already finished.
+
+    Raises ValueError, before anything is written, when the checkpoint was made with settings that
+    change the training computation, or holds more epochs than asked for.
+    """
+    run = Path(cfg.train.run)
+    path = run / CHECKPOINT_NAME
+    if not path.is_file():
+        return ResumePlan(checkpoint=None, finished=False)
+    _refuse_changed_training(cfg, run)
+    checkpoint = load_checkpoint(path)
+    ctx.barrier()  # nobody rewrites the directory while another rank still reads it
+    done, wanted = checkpoint["epoch"], cfg.train.epochs
+    if wanted < done:
+        raise ValueError(f"run directory {run} already holds {done} finished epochs, more than train.epochs="
+                         f"{wanted}; pass --epochs {done} or more to extend it, or use a new --run")
+    return ResumePlan(checkpoint=checkpoint, finished=done == wanted)
+
+
+def start_run_dir(cfg: RevqConfig, plan: ResumePlan, ctx: DistContext) -> None:
+    """Rank 0 writes config.yaml and trims metrics.jsonl to the checkpoint's epochs (all checks passed)."""
+    run = Path(cfg.train.run)
+    if ctx.is_main:
+        save_config(cfg, run / CONFIG_NAME)
+        if plan.checkpoint is None:
+            (run / METRICS_NAME).unlink(missing_ok=True)
+        else:
+            truncate_metrics(run / METRICS_NAME, plan.checkpoint["epoch"])
+    ctx.barrier()
+
+
+def _refuse_changed_training(cfg: RevqConfig, run: Path) -> None:
+    saved_path = run / CONFIG_NAME
+    if not saved_path.is_file():
+        raise ValueError(f"run directory {run} holds a checkpoint but no {CONFIG_NAME}, so it cannot be checked "
+                         "against this config; use a new --run directory, or remove that one to start over")
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    current = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    changed = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+               for section, values in current.items() if section not in RESUME_FREE_SECTIONS
+               for key, value in values.items()
+               if f"{section}.{key}" not in RESUME_FREE_KEYS and saved.get(section, {}).get(key) != value]
+    if changed:
+        raise ValueError(f"run directory {run} holds a checkpoint trained with other settings (changed: "
+                         f"{'; '.join(changed[:8])}); these change what training computes, so the run cannot "
+                         "continue with them. Use a new --run directory, or remove that one to start over")
+
+
+# --- metrics and checkpoints ---------------------------------------------------------------------
+
+
+def truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Keep only the lines of epochs <= last_epoch (a killed run may have logged a later one)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], ctx: DistContext) -> None:
+    """Rank 0 writes `state` atomically (a crash never tears it); every rank waits for it."""
+    if ctx.is_main:
+        with atomic_path(path) as tmp:
+            torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, tmp)
+    ctx.barrier()
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True (tensors and plain containers only)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is not a revq-pipe training checkpoint of version {CHECKPOINT_VERSION}; "
+                         "remove the run directory (or use a new --run) to start over")
+    return state
+
+
+# --- what later commands read from a run ------------------------------------------------------------
+
+
+def recorded_config(run: str | Path) -> RevqConfig | None:
+    """The resolved config the run was trained with (RUN/config.yaml), or None if it records none."""
+    path = Path(run) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    return config_from_dict(yaml.safe_load(path.read_text()) or {}, origin=str(path))
+
+
+def load_tokenizer(run: str | Path, device: torch.device, vae: Any = None) -> RevqTokenizer:
+    """RUN/tokenizer, or an error that says how far the run got and how to finish it."""
+    run = Path(run)
+    directory = run / TOKENIZER_DIR
+    if (directory / WEIGHTS_NAME).is_file():
+        return RevqTokenizer.from_pretrained(directory, device=device, vae=vae)
+    checkpoint = run / CHECKPOINT_NAME
+    if checkpoint.is_file():
+        done = torch.load(checkpoint, map_location="cpu", weights_only=True).get("epoch")
+        config = recorded_config(run)
+        total = config.train.epochs if config is not None else "?"
+        raise FileNotFoundError(f"the run {run} is not finished: {done} of {total} epochs are done and it has no "
+                                f"{TOKENIZER_DIR}/ yet; rerun `revq-pipe train --run {run}` to finish it")
+    raise FileNotFoundError(f"no trained tokenizer in {directory}; pass --run with the directory of a finished "
+                            f"`revq-pipe train` run (it holds {TOKENIZER_DIR}/{WEIGHTS_NAME})")
+
+
+def split_location(cfg: RevqConfig, split: str, kind: str) -> str:
+    """cfg.data.<split>_images or <split>_cache (a run's own, when the command was given one)."""
+    value = getattr(cfg.data, f"{split}_{kind}", None)
+    if not value:
+        flag = "--images PATH" if kind == "images" else "--cache STORE"
+        raise ValueError(f"split {split!r} has no configured {kind} (only data.train_{kind} and data.val_{kind} "
+                         f"exist); pass {flag}")
+    return value
+
+
+def tokenizer_vae(cfg: RevqConfig, tokenizer: RevqTokenizer, device: torch.device) -> FrozenVAE:
+    """The VAE for a tokenizer's images, attached to it: the one the user named (--vae, vae.source), else
+    the one the tokenizer records, else the built-in default. Refused when its weights differ."""
+    named = cfg.vae.source if cfg.vae.source != DEMO_VAE else None
+    source = named or tokenizer.vae_identity.get("source") or cfg.vae.source
+    vae = FrozenVAE.load(source, device=device, autocast_bf16=cfg.vae.autocast_bf16)
+    if tokenizer.vae_identity.get("weights_sha256") is None:
+        log(f"warning: the tokenizer records no VAE weights hash (it was trained on imported latents); {source} is "
+            "assumed to be the VAE its latents came from")
+    tokenizer.attach_vae(vae)
+    return vae
+
+
+def image_resolution(tokenizer: RevqTokenizer, cfg: RevqConfig) -> int:
+    """Image side from the tokenizer's recorded recipe (what its cache was encoded with)."""
+    resolution = tokenizer.image_recipe.get("resolution")
+    if resolution is None:
+        log(f"warning: the tokenizer records no image recipe (imported latents); using data.resolution="
+            f"{cfg.data.resolution}")
+        return cfg.data.resolution
+    return int(resolution)
+
+
+def tokenizer_identity(tokenizer_dir: str | Path) -> dict[str, str]:
+    """{"dir", "model_sha256"}: which trained tokenizer produced a report or a token store."""
+    directory = Path(tokenizer_dir).resolve()
+    digest = hashlib.sha256()
+    with open(directory / WEIGHTS_NAME, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"dir": str(directory), "model_sha256": digest.hexdigest()}
