@@ -8,11 +8,20 @@ from the split loaded in memory (and the cache's own chunk-shuffled stream), the
 writer time, and the float16 storage error relative to the latent std. Uses the latents of
 --source (a cache such as artifacts/cache/train.zarr) when it exists, else synthetic DC-AE-like
 latents: per-element mean offsets and scales around a normal core.
+
+Last, object storage against local disk (skip with --no-s3): a local S3-compatible server (moto's
+server mode on 127.0.0.1, started as tests/s3_server.py does) serves a bucket over HTTP, and the
+script prints side by side the encode-store write throughput (CacheWriter stage + finalize) and
+the whole-split read throughput (LatentCache.load_latents, parallel chunk-aligned blocks) for
+s3:// and for the local disk, so the protocol's overhead is visible. moto keeps objects in memory
+in this process, so the figures are the HTTP + S3 protocol cost without a network.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import shutil
 import tempfile
 import time
@@ -23,6 +32,7 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from revq_pipe.cache import storage
 from revq_pipe.cache.reader import LatentCache
 from revq_pipe.cache.schema import LATENT_CODEC, latent_compressors
 from revq_pipe.cache.writer import CacheWriter
@@ -74,6 +84,73 @@ def measure_layout(root: Path, data: np.ndarray, codecs: list, rows: int) -> tup
     return size / len(data), write_s, read_s
 
 
+def write_store(location, data32: np.ndarray) -> float:
+    """Seconds for CacheWriter to stage and finalize data32 at location (a folder or a URL)."""
+    n = len(data32)
+    start = time.perf_counter()
+    writer = CacheWriter.open(location, num_inputs=n, latent_shape=data32.shape[1:], split="bench",
+                              vae_identity={"source": "bench", "class": None, "weights_sha256": None},
+                              image_recipe={}, chunk_size=256)
+    for u in writer.pending_units():
+        lo, hi = writer.unit_range(u)
+        writer.write_unit(u, data32[lo:hi], np.full(hi - lo, -1), [f"{i}" for i in range(lo, hi)], [])
+    writer.finalize()
+    return time.perf_counter() - start
+
+
+def object_storage_section(root: Path, data32: np.ndarray) -> None:
+    """Encode-store writes and whole-split reads: local moto S3 server vs local disk, side by side."""
+    try:
+        import s3fs  # noqa: F401
+        from moto.server import ThreadedMotoServer
+    except ImportError as err:
+        print(f"\nobject storage: skipped ({err}; install moto[server] and s3fs)")
+        return
+    import urllib.request
+    import uuid
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                                            "AWS_ENDPOINT_URL", "AWS_PROFILE")}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+    os.environ.pop("AWS_PROFILE", None)
+    try:
+        bucket = f"bench-{uuid.uuid4().hex[:12]}"
+        with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"), timeout=10):
+            pass
+        n = len(data32)
+        places = {"local disk": root / "s3cmp_local.zarr", f"S3 ({endpoint})": f"s3://{bucket}/bench/train.zarr"}
+        print(f"\n{'object storage vs local disk':34} {'write MB/s':>10} {'write smp/s':>11} "
+              f"{'read MB/s':>10} {'read smp/s':>11} {'stored MB':>9}")
+        for name, location in places.items():
+            write_s = write_store(location, data32)
+            cache = LatentCache.open(location)
+            read_s = timed(lambda: cache.load_latents(), repeats=2)
+            fs, key = storage.filesystem(location)
+            stored = sum(i["size"] for i in fs.find(key, detail=True).values())
+            mb = cache.nbytes / 1e6  # float16 latents as loaded (the work both sides do)
+            print(f"{name:34} {mb / write_s:10.1f} {n / write_s:11,.0f} {mb / read_s:10.1f} {n / read_s:11,.0f} "
+                  f"{stored / 1e6:9.2f}")
+        remote = LatentCache.open(places[f"S3 ({endpoint})"])
+        one_s = timed(lambda: remote.load_latents(threads=1), repeats=2)
+        print(f"{'S3 read, one block at a time':34} {'':>10} {'':>11} {remote.nbytes / 1e6 / one_s:10.1f} "
+              f"{n / one_s:11,.0f}")
+        print("(write = CacheWriter stage + finalize, float16, 256-row chunks; read = LatentCache.load_latents "
+              "of the whole split, MB of float16 latents per second)")
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=4096, help="latents to use (synthetic or first of --source)")
@@ -81,6 +158,7 @@ def main() -> None:
     parser.add_argument("--source", default="artifacts/cache/train.zarr", help="a cache to take real latents from")
     parser.add_argument("--batch", type=int, default=256, help="minibatch size for the read comparison")
     parser.add_argument("--batches", type=int, default=10, help="random minibatches timed")
+    parser.add_argument("--no-s3", action="store_true", help="skip the object storage vs local disk section")
     args = parser.parse_args()
 
     # ---- data ----
@@ -161,6 +239,9 @@ def main() -> None:
         err = np.abs(data16.astype(np.float64) - data32) / std
         print(f"\nfloat16 storage error / latent std: mean {err.mean():.2e}, max {err.max():.2e}, "
               f"rms {np.sqrt((err ** 2).mean()):.2e}")
+
+        if not args.no_s3:
+            object_storage_section(root, data32)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -49,6 +49,7 @@ from PIL import Image
 
 from revq_pipe.cache.reader import LatentCache
 from revq_pipe.cache.writer import CacheWriter
+from revq_pipe.demo.images import load_demo_photos
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.images import decode_image, preprocess, recipe
 from revq_pipe.pipeline.normalizer import LatentNormalizer
@@ -56,7 +57,6 @@ from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
 from revq_pipe.pipeline.rectifier import build_rectifier
 from revq_pipe.pipeline.vae import FrozenVAE
 from revq_pipe.stages.config import RevqConfig, load_config
-from revq_pipe.stages.demo import load_demo_photos
 from revq_pipe.stages.train_loop import TrainParts, build_optimizer, train_step
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "512T.yaml"
@@ -283,8 +283,8 @@ def per_sample(results: list[dict], batch: int, *parts: str) -> list[float]:
     return [sum(r[p] for p in parts) / batch for r in results]
 
 
-def spread(values: list[float], digits: int = 4) -> str:
-    return " / ".join(f"{v:.{digits}g}" for v in (min(values), statistics.median(values), max(values)))
+def spread(values: list[float], fmt: str = ".4g") -> str:
+    return " / ".join(f"{v:{fmt}}" for v in (min(values), statistics.median(values), max(values)))
 
 
 def print_table(b: int, online: list[dict], cached: list[dict], memory: str) -> None:
@@ -297,11 +297,13 @@ def print_table(b: int, online: list[dict], cached: list[dict], memory: str) -> 
     for name, ours, base in rows:
         print(f"  {name:<58}{spread(ours) if ours else '-':>30}{spread(base) if base else '-':>34}")
     mib = [[r["peak"] / 2**20 for r in results] for results in (cached, online)]
-    print(f"  {'peak memory, MiB (' + memory + ')':<58}{spread(mib[0], 5):>30}{spread(mib[1], 5):>34}")
-    median = statistics.median
-    ours = median(per_sample(cached, b, "gather", "step"))
-    print(f"  per epoch, online / cached: {median(per_sample(online, b, 'decode', 'encode', 'step')) / ours:.1f}x "
-          f"({median(per_sample(online, b, 'encode', 'step')) / ours:.1f}x if loader workers hid all the decoding)")
+    print(f"  {'peak memory, MiB (' + memory + ')':<58}{spread(mib[0], ',.0f'):>30}{spread(mib[1], ',.0f'):>34}")
+    # each repeat ran both ways back to back, so its ratio sees one machine load; min / median / max of those
+    ours = per_sample(cached, b, "gather", "step")
+    serial = [t / o for t, o in zip(per_sample(online, b, "decode", "encode", "step"), ours)]
+    hidden = [t / o for t, o in zip(per_sample(online, b, "encode", "step"), ours)]
+    print(f"  per epoch, online / cached, paired by repeat: {spread(serial, '.1f')} "
+          f"({spread(hidden, '.1f')} if loader workers hid all the decoding)")
 
 
 def print_schedule(batch_sizes: list[int], results: dict, online_info: dict, cached_info: dict) -> None:

@@ -6,7 +6,7 @@ Sizes: latents 32x8x8, T=512 tokens of d=4, K=16,384 codes per position, rectifi
     (b) rectifier: forward + backward of the rectifier alone; ours evaluates diffusers' blocks
         channels-last (EfficientViTRectifier.forward), the baseline through diffusers' own NCHW forward;
     (c) step: quantize + codebook loss + rectifier forward/backward + AdamW on both parameter groups
-        (METHOD.md's learning rates and weight decay) with gradient clipping to 1.0 per group.
+        (docs/method.md's learning rates and weight decay) with gradient clipping to 1.0 per group.
         Ours: the training loop's own step (stages.train_loop.train_step, fused AdamW); baseline: the
         cdist loop, advanced indexing, diffusers' forward and the default AdamW. Both start from the same
         weights and see the same batch.
@@ -41,7 +41,7 @@ PRESET = load_config(Path(__file__).resolve().parents[1] / "configs" / "512T.yam
 
 LATENT_SHAPE = (32, 8, 8)
 NUM_TOKENS, CODEBOOK_SIZE = PRESET.quantizer.num_tokens, PRESET.quantizer.codebook_size
-EPOCHS, IMAGENET_TRAIN = PRESET.train.epochs, 1_281_167  # METHOD.md's schedule
+EPOCHS, IMAGENET_TRAIN = PRESET.train.epochs, 1_281_167  # docs/method.md's schedule
 CODEBOOK_LR, RECTIFIER_LR = PRESET.train.codebook_lr, PRESET.train.rectifier_lr
 RECTIFIER_WD, GRAD_CLIP = PRESET.train.rectifier_weight_decay, PRESET.train.grad_clip
 

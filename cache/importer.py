@@ -32,18 +32,20 @@ def import_tensor(
     overwrite: bool = False,
     chunk_size: int = 256,
     latent_dtype: str = "float16",
+    options: dict[str, Any] | None = None,
 ) -> CacheManifest:
     """Write the latents in `src` (.npy or .pt) as a complete cache at `out`.
 
     Args:
         src: (N, C, H, W) float latents; .npy (read without pickle, memory-mapped) or .pt (read with
             torch.load(weights_only=True): a tensor, or a dict holding exactly one tensor).
-        out: Zarr store to write.
+        out: Zarr store to write: a local folder or a URL (s3://..., any fsspec scheme).
         split: split name recorded in the store.
         labels_path: optional N class ids (.npy, .pt, or .txt with one integer per line).
         vae_identity: identity of the VAE that made the latents; unknown (all None) when not given.
         overwrite, chunk_size, latent_dtype: as in CacheWriter.open. An interrupted import resumes
             when run again with the same arguments.
+        options: fsspec storage options for a URL `out` (storage.storage_options); None = standard places.
 
     Sample keys are "index:000000", "index:000001", ... (the row in `src`).
     """
@@ -53,7 +55,7 @@ def import_tensor(
     writer = CacheWriter.open(out, num_inputs=n, latent_shape=latents.shape[1:], split=split,
                               vae_identity=vae_identity or unknown_vae_identity(),
                               image_recipe=IMPORTED_IMAGE_RECIPE, chunk_size=chunk_size,
-                              latent_dtype=latent_dtype, overwrite=overwrite, create=True)
+                              latent_dtype=latent_dtype, overwrite=overwrite, create=True, options=options)
     for u in writer.pending_units():
         start, stop = writer.unit_range(u)
         writer.write_unit(u, np.asarray(latents[start:stop], dtype=np.float32), labels[start:stop],

@@ -34,6 +34,21 @@ def _free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def _load_resident(cache: LatentCache, device: torch.device, *, show_progress: bool) -> torch.Tensor:
+    """cache.load_latents(device); from a URL on rank 0 with a progress bar in bytes and bytes/s."""
+    if not (show_progress and cache.is_remote):
+        return cache.load_latents(device)
+    from rich.console import Console
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    columns = (TextColumn("[bold]load {task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+               TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task(str(cache.path), total=cache.nbytes)
+        return cache.load_latents(device, progress=lambda n: bar.advance(task, n))
+
+
 class LatentSource:
     """One split's raw latents: resident on the training device when it fits, else streamed from Zarr.
 
@@ -55,7 +70,7 @@ class LatentSource:
         self.resident = policy == "always" or (
             policy == "auto" and self.nbytes <= RESIDENT_FRACTION * _free_bytes(device))
         # kept in the stored dtype (float16 halves the footprint); batches are cast to float32
-        self.data = cache.load_latents(device) if self.resident else None  # (N, C, H, W)
+        self.data = _load_resident(cache, device, show_progress=rank == 0) if self.resident else None  # (N, C, H, W)
 
     def describe(self) -> str:
         where = f"resident on {self.device}" if self.resident else "streamed from Zarr"

@@ -1,19 +1,31 @@
-"""Read a latent cache: validate its manifest, load it whole, or stream shuffled minibatches."""
+"""Read a latent cache: validate its manifest, load it whole, or stream shuffled minibatches.
+
+A cache is a local directory or a URL (s3://..., any fsspec scheme; `options` are the fsspec
+storage options, None = the standard places). A URL is read through Zarr's FsspecStore and never
+taken for a local path. `load_latents` reads a whole split in chunk-aligned blocks on a pool of
+threads (many requests in flight, which is what an object store needs) and reports progress in
+bytes through an optional callback.
+"""
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import zarr
 
-from revq_pipe.cache.schema import FORMAT, FORMAT_VERSION, STAGING_DIR, CacheError, CacheManifest
+from revq_pipe.cache import storage
+from revq_pipe.cache.schema import FORMAT, FORMAT_VERSION, CacheError, CacheManifest
+from revq_pipe.cache.staging import as_location, read_store_attrs, staged_unit_ids
 from revq_pipe.pipeline.vae_identity import VaeMismatchError, require_same_vae
 
 _LOAD_BLOCK_ROWS = 16384  # rows read per step by load_latents (bounds the host copy when loading onto a GPU)
+_REMOTE_BLOCK_BYTES = 16 * 2**20  # target bytes per block when loading from a URL (one thread reads one block)
+LOAD_THREADS = 8  # blocks read concurrently when loading a split from a URL
 
 
 def rank_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -26,20 +38,32 @@ def rank_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
 class LatentCache:
     """A latent cache opened for reading; create it with `LatentCache.open`."""
 
-    def __init__(self, path: Path, group: zarr.Group, manifest: CacheManifest) -> None:
-        self.path = path
+    def __init__(self, path: str | Path, group: zarr.Group, manifest: CacheManifest,
+                 options: dict[str, Any] | None = None) -> None:
+        self.path = path  # a Path for a local cache, the URL string otherwise
+        self.options = options
         self.manifest = manifest
         self._group = group
 
+    @property
+    def is_remote(self) -> bool:
+        return not isinstance(self.path, Path)
+
     @classmethod
-    def open(cls, path: str | os.PathLike, *, require_complete: bool = True) -> "LatentCache":
-        """Open and validate the cache at path; CacheError names the path and what to do."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+    def open(cls, path: str | os.PathLike, *, require_complete: bool = True,
+             options: dict[str, Any] | None = None) -> "LatentCache":
+        """Open and validate the cache at path (local or URL); CacheError names the path and what to do."""
+        path = as_location(path)
+        if isinstance(path, Path):
+            found = (path / "zarr.json").is_file()
+        else:
+            found = read_store_attrs(path, options) is not None
+        if not found:
             raise CacheError(f"no latent cache at {path}; create it with `revq-pipe encode` "
                              "(or `revq-pipe cache import`), or fix the path")
         try:
-            group = zarr.open_group(path, mode="r")
+            store = path if isinstance(path, Path) else storage.zarr_store(path, "r", options)
+            group = zarr.open_group(store, mode="r")
         except Exception as err:  # zarr raises several types for unreadable metadata
             raise CacheError(f"{path} is not a readable Zarr group ({err}); rebuild it with "
                              "`revq-pipe encode --overwrite`") from err
@@ -63,7 +87,7 @@ class LatentCache:
             if group["latents"].shape != shape:
                 raise CacheError(f"{path}: latents have shape {group['latents'].shape} but the manifest says "
                                  f"{shape}; the store is damaged, rebuild it with `revq-pipe encode --overwrite`")
-        return cls(path, group, manifest)
+        return cls(path, group, manifest, options)
 
     # ---- metadata -------------------------------------------------------------------------------
 
@@ -127,14 +151,41 @@ class LatentCache:
             raise ValueError(f"rows [{start}, {stop}) are outside the {self.num_samples} latents of {self.path}")
         return torch.from_numpy(np.asarray(self._group["latents"][start:stop], dtype=np.float32))
 
-    def load_latents(self, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The whole split as one (N, C, H, W) tensor in the stored dtype, on `device`."""
+    def load_latents(self, device: str | torch.device = "cpu", *,
+                     progress: Callable[[int], None] | None = None, threads: int | None = None) -> torch.Tensor:
+        """The whole split as one (N, C, H, W) tensor in the stored dtype, on `device`.
+
+        Reads chunk-aligned blocks; from a URL `threads` (default LOAD_THREADS) blocks at a time, each
+        also fetching its chunks concurrently, from a local store one block at a time. `progress`, if
+        given, is called with the bytes (in the stored dtype) of each block as it lands.
+        """
         array = self._group["latents"]
         out = torch.empty(array.shape, dtype=_torch_dtype(array.dtype), device=device)
-        step = max(1, _LOAD_BLOCK_ROWS // array.chunks[0]) * array.chunks[0]
-        for start in range(0, array.shape[0], step):
-            block = torch.from_numpy(np.ascontiguousarray(array[start:start + step]))
-            out[start:start + block.shape[0]].copy_(block)
+        chunk = array.chunks[0]
+        if threads is None:
+            threads = LOAD_THREADS if self.is_remote else 1
+        if threads > 1:
+            row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
+            step = max(1, min(_LOAD_BLOCK_ROWS, _REMOTE_BLOCK_BYTES // max(row_bytes, 1)) // chunk) * chunk
+        else:
+            step = max(1, _LOAD_BLOCK_ROWS // chunk) * chunk
+        starts = range(0, array.shape[0], step)
+
+        def read(start: int) -> tuple[int, np.ndarray]:
+            return start, np.ascontiguousarray(array[start:start + step])
+
+        def place(start: int, data: np.ndarray) -> None:
+            out[start:start + data.shape[0]].copy_(torch.from_numpy(data))
+            if progress is not None:
+                progress(data.nbytes)
+
+        if threads <= 1:
+            for start in starts:
+                place(*read(start))
+            return out
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="revq-load") as pool:
+            for start, data in pool.map(read, starts):  # in order; `threads` blocks in flight
+                place(start, data)
         return out
 
     def iter_batches(
@@ -201,24 +252,35 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return {np.dtype("float16"): torch.float16, np.dtype("float32"): torch.float32}[np.dtype(dtype)]
 
 
-def cache_info(path: str | os.PathLike) -> dict[str, Any]:
-    """Manifest plus a statistics and storage summary, for `revq-pipe cache info`.
+def _tree_bytes(location: str | Path, options: dict[str, Any] | None) -> int:
+    """Total size of the files (objects) below a local folder or URL prefix."""
+    if isinstance(location, Path):
+        return sum(f.stat().st_size for f in location.rglob("*") if f.is_file())
+    fs, key = storage.filesystem(location, options)
+    fs.invalidate_cache(key)
+    try:
+        return int(sum(info["size"] for info in fs.find(key, detail=True).values()))
+    except FileNotFoundError:
+        return 0
+
+
+def cache_info(path: str | os.PathLike, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Manifest plus a statistics and storage summary, for `revq-pipe cache info` (local path or URL).
 
     Works on unfinished caches too (then `complete` is false and `units_staged` says how far it got).
     """
-    cache = LatentCache.open(path, require_complete=False)
+    cache = LatentCache.open(path, require_complete=False, options=options)
     info: dict[str, Any] = {"path": str(cache.path), **cache.manifest.to_attrs()}
-    bytes_on_disk = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    bytes_on_disk = _tree_bytes(cache.path, options)
     info["bytes_on_disk"] = bytes_on_disk
     if not cache.manifest.complete:
-        staging = Path(path) / STAGING_DIR
-        info["units_staged"] = len(list(staging.glob("unit_*.npz"))) if staging.is_dir() else 0
+        info["units_staged"] = len(staged_unit_ids(cache.path, options))
         info["units_total"] = -(-cache.manifest.num_inputs // cache.manifest.chunk_size)
         return info
     latents = cache._group["latents"]
     mean, std = cache.mean.double(), cache.std.double()
     labels = cache.labels()
-    latent_bytes = sum(f.stat().st_size for f in (Path(path) / "latents").rglob("*") if f.is_file())
+    latent_bytes = _tree_bytes(storage.join(cache.path, "latents"), options)
     raw_float32 = latents.size * 4
     info["statistics"] = {
         "mean_of_mean": float(mean.mean()), "mean_of_std": float(std.mean()),

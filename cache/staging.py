@@ -2,11 +2,17 @@
 
 Both the latent cache (cache/writer.py) and the token store (cache/token_store.py) are written in
 two phases. Phase one cuts the inputs into work units of `chunk_size` consecutive indices; whoever
-owns unit u (u % world_size == rank) stages it as STORE/_staging/unit_000123.npz, written to a
-temporary file and renamed into place, so a unit is either fully there or absent and a killed run
-restarted with the same arguments redoes only what is missing. Phase two (rank 0) reads the units
-in unit order, never rank order, writes the final arrays, sets `complete` last and removes the
-staging parts.
+owns unit u (u % world_size == rank) stages it as STORE/_staging/unit_000123.npz, serialized in
+memory and written by one `storage.write_bytes_atomic` (locally a temporary file renamed into place,
+on an object store a single PUT), so a unit is either fully there or absent and a killed run
+restarted with the same arguments redoes only what is missing. Which units are staged is found by
+listing the staging prefix once. Phase two (rank 0) reads the units in unit order, never rank
+order, writes the final arrays through `storage.zarr_store`, sets `complete` last (its own write
+of zarr.json) and removes the staging parts (`storage.remove_tree`).
+
+A store's location is a local path or a URL (s3://..., any fsspec scheme); `options` are the
+fsspec storage options (`storage.storage_options(cfg.storage.endpoint_url)`; None = the standard
+places). A URL is never turned into a Path. See cache/storage.py for the object-store design.
 
 `StagedWriter` holds that mechanism: opening (create, resume an unfinished store with the same
 spec, or refuse / overwrite), unit bookkeeping, atomic staging and the finishing steps. Subclasses
@@ -15,8 +21,11 @@ say what they store and how to check it.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,19 +33,47 @@ from typing import Any
 import numpy as np
 import zarr
 
+from revq_pipe.cache import storage
 from revq_pipe.cache.schema import STAGING_DIR, CacheError
-from revq_pipe.pipeline.files import atomic_path
+
+_UNIT_NAME = re.compile(r"^unit_(\d+)\.npz$")
+
+Location = str | Path
 
 
-def read_store_attrs(path: Path) -> dict[str, Any] | None:
-    """The group attributes of a Zarr store at path, or None when there is none."""
-    meta = path / "zarr.json"
-    if not meta.is_file():
+def as_location(location: str | os.PathLike) -> Location:
+    """A URL stays a string (never a Path: pathlib folds s3://b/k into s3:/b/k); a local path becomes a Path."""
+    if storage.is_url(location):
+        return str(location)
+    storage.local_path(location)  # StorageError for a mangled URL such as "s3:/b/k"
+    return Path(location)
+
+
+def read_store_attrs(path: str | os.PathLike, options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The group attributes of a Zarr store at path (local or URL), or None when there is none."""
+    location = as_location(path)
+    if isinstance(location, Path):
+        meta = location / "zarr.json"
+        if not meta.is_file():
+            return None
+        try:
+            return dict(json.loads(meta.read_text()).get("attributes", {}))
+        except (OSError, ValueError):
+            return {}
+    try:
+        data = storage.read_bytes(storage.join(location, "zarr.json"), options)
+    except (FileNotFoundError, IsADirectoryError):
         return None
     try:
-        return dict(json.loads(meta.read_text()).get("attributes", {}))
-    except (OSError, ValueError):
+        return dict(json.loads(data).get("attributes", {}))
+    except (ValueError, AttributeError):
         return {}
+
+
+def staged_unit_ids(path: str | os.PathLike, options: dict[str, Any] | None = None) -> set[int]:
+    """Indices of the units staged under path/_staging, found by one listing (temporary files ignored)."""
+    names = storage.list_prefix(storage.join(as_location(path), STAGING_DIR), options)
+    return {int(m.group(1)) for m in map(_UNIT_NAME.match, names) if m}
 
 
 def spec_differences(stored: dict[str, Any], wanted: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
@@ -58,12 +95,14 @@ class StagedWriter:
     OUT_HINT: str = "output path"    # how the user names the store's path, e.g. "--out"
     SPEC_FIELDS: tuple[str, ...] = ()  # attributes that must match to resume or attach
 
-    def __init__(self, path: Path, num_inputs: int, chunk_size: int) -> None:
-        self.path = path
+    def __init__(self, path: str | os.PathLike, num_inputs: int, chunk_size: int,
+                 options: dict[str, Any] | None = None) -> None:
+        self.path = as_location(path)  # a Path for a local store, the URL string otherwise
+        self.options = options
         self.num_inputs = num_inputs
         self.chunk_size = chunk_size
         self.num_units = math.ceil(num_inputs / chunk_size)
-        self._staging = path / STAGING_DIR
+        self._staging = storage.join(self.path, STAGING_DIR)
 
     # ---- opening --------------------------------------------------------------------------------
 
@@ -73,22 +112,25 @@ class StagedWriter:
         return f"a complete {cls.NOUN} of {stored.get('num_samples')} samples"
 
     @classmethod
-    def _completed_attrs(cls, path: Path, attrs: dict[str, Any]) -> dict[str, Any] | None:
+    def _completed_attrs(cls, path: str | os.PathLike, attrs: dict[str, Any],
+                         options: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """The attributes of a complete store of this format at `path` whose spec fields equal `attrs`, else
         None: rerunning finished, identical work is then a no-op rather than an error."""
-        stored = read_store_attrs(Path(path))
+        stored = read_store_attrs(path, options)
         if not stored or stored.get("format") != cls.FORMAT or not stored.get("complete", False):
             return None
         return None if spec_differences(stored, attrs, cls.SPEC_FIELDS) else stored
 
     @classmethod
-    def _open_store(cls, path: Path, attrs: dict[str, Any], *, overwrite: bool, create: bool) -> None:
+    def _open_store(cls, path: Location, attrs: dict[str, Any], *, overwrite: bool, create: bool,
+                    options: dict[str, Any] | None = None) -> None:
         """Make `path` a store to stage into: attach (create=False), resume, or create with `attrs`.
 
         An unfinished store of this format whose spec fields equal `attrs` is resumed as it is; any
-        other non-empty directory is refused unless `overwrite` (never when it is not a Zarr store).
+        other non-empty directory (or non-empty prefix of a URL) is refused unless `overwrite`
+        (never when it is not a Zarr store).
         """
-        stored = read_store_attrs(path)
+        stored = read_store_attrs(path, options)
         if not create:
             if stored is None or stored.get("format") != cls.FORMAT or stored.get("complete", True):
                 raise CacheError(f"no unfinished {cls.NOUN} at {path} to attach to; rank 0 must call "
@@ -97,6 +139,9 @@ class StagedWriter:
             if diffs:
                 raise CacheError(f"the unfinished {cls.NOUN} at {path} was started with other settings "
                                  f"({'; '.join(diffs)}); every rank must pass the same arguments")
+            return
+        if not isinstance(path, Path):
+            cls._open_remote_store(path, attrs, stored, overwrite=overwrite, options=options)
             return
 
         if path.exists() and not path.is_dir():
@@ -118,7 +163,32 @@ class StagedWriter:
         (path / STAGING_DIR).mkdir()
 
     @classmethod
-    def _refusal(cls, path: Path, stored: dict[str, Any], resumable: bool, diffs: list[str]) -> str:
+    def _open_remote_store(cls, url: str, attrs: dict[str, Any], stored: dict[str, Any] | None, *,
+                           overwrite: bool, options: dict[str, Any] | None) -> None:
+        """`_open_store` for a URL: a prefix has no directory; "non-empty" means any object below it."""
+        fs, key = storage.filesystem(url, options)
+        fs.invalidate_cache(key)
+        if fs.isfile(key):
+            raise CacheError(f"{url} is an object, not a prefix; choose another {cls.OUT_HINT}")
+        if storage.list_prefix(url, options):
+            if stored is None:
+                raise CacheError(f"{url} is not empty and is not a Zarr store; refusing to write {cls.CONTENTS} "
+                                 f"into it even with --overwrite. Choose a new or empty {cls.OUT_HINT}.")
+            resumable = stored.get("format") == cls.FORMAT and not stored.get("complete", False)
+            diffs = spec_differences(stored, attrs, cls.SPEC_FIELDS)
+            if resumable and not diffs:
+                return
+            if not overwrite:
+                raise CacheError(cls._refusal(url, stored, resumable, diffs))
+            # no atomic replace on an object store: first a manifest no reader trusts, then delete
+            untrusted = {"zarr_format": 3, "node_type": "group", "attributes": {"complete": False}}
+            storage.write_bytes_atomic(storage.join(url, "zarr.json"), json.dumps(untrusted).encode(), options)
+            storage.remove_tree(url, options)
+        group = zarr.open_group(storage.zarr_store(url, "w", options), mode="w")
+        group.attrs.update(attrs)
+
+    @classmethod
+    def _refusal(cls, path: Location, stored: dict[str, Any], resumable: bool, diffs: list[str]) -> str:
         """Why an existing store cannot be reused, and what to do."""
         if resumable:
             return (f"{path} holds an unfinished {cls.NOUN} started with other settings ({'; '.join(diffs)}); "
@@ -134,7 +204,7 @@ class StagedWriter:
     @property
     def num_staged(self) -> int:
         """How many units are already staged (for a "resuming" log line)."""
-        return sum(self._is_staged(u) for u in range(self.num_units))
+        return len(self._staged_units())
 
     def unit_range(self, u: int) -> tuple[int, int]:
         """Input indices [start, stop) of work unit u."""
@@ -156,34 +226,47 @@ class StagedWriter:
         """Units this rank owns (u % world_size == rank) that are not staged yet."""
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
-        return [u for u in range(rank, self.num_units, world_size) if not self._is_staged(u)]
+        staged = self._staged_units()
+        return [u for u in range(rank, self.num_units, world_size) if u not in staged]
 
     def _stage(self, u: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write unit u's arrays to its staging part atomically (temporary file, fsync, rename)."""
-        with atomic_path(self._unit_file(u)) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        """Write unit u's arrays as one staging part, atomically (a renamed temporary file, or one PUT)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        storage.write_bytes_atomic(self._unit_file(u), buffer.getbuffer(), self.options)
 
-    def _unit_file(self, u: int) -> Path:
-        return self._staging / f"unit_{u:06d}.npz"
+    def _unit_file(self, u: int) -> Location:
+        return storage.join(self._staging, f"unit_{u:06d}.npz")
+
+    def _staged_units(self) -> set[int]:
+        """The staged units in range, by one listing of the staging prefix."""
+        return {u for u in staged_unit_ids(self.path, self.options) if u < self.num_units}
 
     def _is_staged(self, u: int) -> bool:
-        return self._unit_file(u).is_file()
+        return u in self._staged_units()
 
     # ---- phase two: assembly --------------------------------------------------------------------
 
     def _require_all_staged(self, hint: str) -> None:
         """CacheError naming the missing units unless every unit is staged; `hint` says what to do."""
-        missing = [u for u in range(self.num_units) if not self._is_staged(u)]
+        staged = self._staged_units()
+        missing = [u for u in range(self.num_units) if u not in staged]
         if missing:
             raise CacheError(f"{len(missing)} of {self.num_units} units of {self.path} are not written yet "
                              f"(first missing: {missing[:5]}); {hint}")
 
     def _load_unit(self, u: int):
         """Unit u's staged arrays (an NpzFile; use it as a context manager)."""
-        return np.load(self._unit_file(u), allow_pickle=False)
+        return np.load(io.BytesIO(storage.read_bytes(self._unit_file(u), self.options)), allow_pickle=False)
+
+    def _open_group(self, mode: str = "r+") -> zarr.Group:
+        """The store's Zarr group (LocalStore for a path, FsspecStore for a URL)."""
+        if isinstance(self.path, Path):
+            return zarr.open_group(self.path, mode=mode)
+        return zarr.open_group(storage.zarr_store(self.path, mode, self.options), mode=mode)
 
     def _mark_complete(self, group: zarr.Group, attrs: dict[str, Any]) -> None:
         """Write the final attributes, then `complete` last, then drop the staging parts."""
         group.attrs.update(attrs)
         group.attrs["complete"] = True  # last: a reader never sees a half-written store as complete
-        shutil.rmtree(self._staging, ignore_errors=True)
+        storage.remove_tree(self._staging, self.options)

@@ -53,13 +53,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
+
+from revq_pipe.pipeline.files import atomic_path
 
 __all__ = ["StorageError", "is_url", "local_path", "join", "storage_options", "filesystem", "zarr_store",
            "exists", "read_bytes", "write_bytes_atomic", "list_prefix", "remove_tree", "upload_dir"]
@@ -162,18 +163,9 @@ def write_bytes_atomic(location: Location, data: bytes | bytearray | memoryview,
     """Write one file or object so that readers see all of it or none of it."""
     fs, path = filesystem(location, options)
     if isinstance(fs, LocalFileSystem):
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # the project's one atomic local write: temporary file beside the target, fsync, rename
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
         return
     # An object store has no rename and needs none: a single PUT is atomic per object (a large
     # body goes up as a multipart upload, which also becomes visible only when it completes), and

@@ -10,7 +10,8 @@ hash of model.safetensors), the VAE identity, where the ids came from, skipped i
 `complete`, set last.
 
 Writing is two-phase and resumable like the latent cache (cache/staging.py): units of
-`chunk_size` consecutive inputs are staged atomically as STORE/_staging/unit_*.npz by whichever
+`chunk_size` consecutive inputs are staged atomically (one object each, also on an object store) as
+STORE/_staging/unit_*.npz by whichever
 rank owns them (u % world_size == rank), then rank 0 assembles the arrays in unit order.
 """
 
@@ -26,7 +27,8 @@ import zarr
 
 from revq_pipe.cache.schema import CacheError, small_compressors
 from revq_pipe.pipeline.version import package_version
-from revq_pipe.cache.staging import StagedWriter, read_store_attrs
+from revq_pipe.cache import storage
+from revq_pipe.cache.staging import StagedWriter, as_location, read_store_attrs
 
 TOKEN_FORMAT = "revq-token-store"
 TOKEN_FORMAT_VERSION = 1
@@ -47,8 +49,9 @@ class TokenWriter(StagedWriter):
     SPEC_FIELDS = ("split", "num_inputs", "chunk_size", "num_tokens", "codebook_size", "ids_dtype",
                    "layout", "tokenizer", "vae", "source")
 
-    def __init__(self, path: Path, attrs: dict[str, Any]) -> None:
-        super().__init__(path, attrs["num_inputs"], attrs["chunk_size"])
+    def __init__(self, path: str | os.PathLike, attrs: dict[str, Any],
+                 options: dict[str, Any] | None = None) -> None:
+        super().__init__(path, attrs["num_inputs"], attrs["chunk_size"], options)
         self.attrs = attrs
 
     @classmethod
@@ -67,11 +70,12 @@ class TokenWriter(StagedWriter):
         chunk_size: int = 1024,
         overwrite: bool = False,
         create: bool = True,
+        options: dict[str, Any] | None = None,
     ) -> "TokenWriter":
         """Create a new store, or resume an unfinished one started with the identical spec.
 
         Args:
-            path: local directory of the Zarr store.
+            path: the Zarr store: a local directory or a URL (any fsspec scheme).
             num_inputs: inputs to tokenize (samples plus those that will be skipped).
             split: split name recorded in the store.
             num_tokens, codebook_size: T and K of the tokenizer.
@@ -82,17 +86,19 @@ class TokenWriter(StagedWriter):
             chunk_size: inputs per work unit and rows per Zarr chunk.
             overwrite: replace a complete store, or an unfinished one with another spec.
             create: True on rank 0 only; other ranks pass False after a barrier and attach.
+            options: fsspec storage options for a URL; None = the standard places.
         """
-        path = Path(path)
+        path = as_location(path)
         spec = cls._spec(num_inputs=num_inputs, split=split, num_tokens=num_tokens, codebook_size=codebook_size,
                          layout=layout, tokenizer=tokenizer, vae=vae, source=source, chunk_size=chunk_size)
-        cls._open_store(path, spec, overwrite=overwrite, create=create)
-        return cls(path, spec)
+        cls._open_store(path, spec, overwrite=overwrite, create=create, options=options)
+        return cls(path, spec, options)
 
     @classmethod
-    def completed(cls, path: str | os.PathLike, **spec: Any) -> dict[str, Any] | None:
+    def completed(cls, path: str | os.PathLike, options: dict[str, Any] | None = None,
+                  **spec: Any) -> dict[str, Any] | None:
         """The attributes of a complete store at `path` made with exactly this spec (open's arguments), else None."""
-        return cls._completed_attrs(Path(path), cls._spec(**spec))
+        return cls._completed_attrs(path, cls._spec(**spec), options)
 
     @staticmethod
     def _spec(*, num_inputs: int, split: str, num_tokens: int, codebook_size: int, layout: dict[str, Any],
@@ -143,7 +149,7 @@ class TokenWriter(StagedWriter):
         if len(data["keys"]) == 0:
             raise CacheError(f"all {self.num_inputs} inputs for {self.path} were skipped; nothing to store. "
                              "Check the image source.")
-        group = zarr.open_group(self.path, mode="r+")
+        group = self._open_group("r+")
         cs = self.chunk_size
         for name in ("ids", "labels", "keys"):
             array = group.create_array(name, shape=data[name].shape, chunks=(cs, *data[name].shape[1:]),
@@ -160,15 +166,15 @@ class TokenWriter(StagedWriter):
 class TokenStore:
     """A complete token store opened for reading; create it with `TokenStore.open`."""
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
+    def __init__(self, path: str | Path, group: zarr.Group) -> None:
         self.path = path
         self.attrs = dict(group.attrs)
         self._group = group
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "TokenStore":
-        path = Path(path)
-        attrs = read_store_attrs(path)
+    def open(cls, path: str | os.PathLike, options: dict[str, Any] | None = None) -> "TokenStore":
+        path = as_location(path)
+        attrs = read_store_attrs(path, options)
         if attrs is None or attrs.get("format") != TOKEN_FORMAT:
             raise CacheError(f"no token store at {path}; write one with `revq-pipe tokenize --out {path}`")
         if attrs.get("format_version") != TOKEN_FORMAT_VERSION:
@@ -177,7 +183,8 @@ class TokenStore:
         if not attrs.get("complete", False):
             raise CacheError(f"the token store at {path} is incomplete (the export was interrupted); rerun "
                              "`revq-pipe tokenize` with the same arguments to resume it")
-        return cls(path, zarr.open_group(path, mode="r"))
+        store = path if isinstance(path, Path) else storage.zarr_store(path, "r", options)
+        return cls(path, zarr.open_group(store, mode="r"))
 
     @property
     def num_samples(self) -> int:

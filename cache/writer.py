@@ -2,7 +2,8 @@
 
 Phase one: the inputs are cut into work units of `chunk_size` consecutive indices. Whoever encodes
 unit u (rank u % world_size) hands its latents to `write_unit`, which writes one staging part,
-STORE/_staging/unit_000123.npz, to a temporary file and renames it into place. A unit is either
+STORE/_staging/unit_000123.npz, in one atomic write (a renamed temporary file locally, one PUT on
+an object store; see cache/staging.py and cache/storage.py). A unit is either
 fully there or absent, so a killed run started again with the same arguments skips what is
 staged and redoes only the rest.
 
@@ -18,14 +19,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import zarr
 
 from revq_pipe.cache.schema import FORMAT, LATENT_DTYPES, CacheError, CacheManifest, latent_compressors, small_compressors
-from revq_pipe.cache.staging import StagedWriter, read_store_attrs
+from revq_pipe.cache.staging import StagedWriter, as_location, read_store_attrs
 from revq_pipe.cache.stats import MomentAccumulator
 
 __all__ = ["CacheWriter", "read_store_attrs"]  # read_store_attrs lives in cache.staging; re-exported here
@@ -42,8 +42,9 @@ class CacheWriter(StagedWriter):
     CONTENTS = "a cache"
     SPEC_FIELDS = ("split", "num_inputs", "latent_shape", "latent_dtype", "chunk_size", "vae", "image")
 
-    def __init__(self, path: Path, manifest: CacheManifest) -> None:
-        super().__init__(path, manifest.num_inputs, manifest.chunk_size)
+    def __init__(self, path: str | os.PathLike, manifest: CacheManifest,
+                 options: dict[str, Any] | None = None) -> None:
+        super().__init__(path, manifest.num_inputs, manifest.chunk_size, options)
         self.manifest = manifest  # complete=False, num_samples=0 until finalize
 
     # ---- opening --------------------------------------------------------------------------------
@@ -62,11 +63,13 @@ class CacheWriter(StagedWriter):
         latent_dtype: str = "float16",
         overwrite: bool = False,
         create: bool = True,
+        options: dict[str, Any] | None = None,
     ) -> "CacheWriter":
         """Create a new store, or resume an unfinished one written with the identical spec.
 
         Args:
-            path: local directory of the Zarr store.
+            path: the Zarr store: a local directory or a URL (s3://bucket/prefix/train.zarr, any fsspec
+                scheme); a URL is never taken for a local path.
             num_inputs: number of inputs to encode (samples plus those that will be skipped).
             latent_shape: (C, H, W) of one latent.
             split: split name recorded in the store.
@@ -77,20 +80,22 @@ class CacheWriter(StagedWriter):
             overwrite: replace a complete cache, or an unfinished one with a different spec.
             create: True on rank 0 only. Other ranks pass False after a barrier and just attach
                 to the store rank 0 created or resumed.
+            options: fsspec storage options for a URL (`storage.storage_options(endpoint_url)`);
+                None = the standard places (environment, ~/.aws, ...).
 
         An unfinished store with the identical spec is resumed (with or without `overwrite`):
         its staged units are exactly what this call would write again.
         """
-        path = Path(path)
+        path = as_location(path)
         manifest = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe,
                                        chunk_size, latent_dtype)
-        cls._open_store(path, manifest.to_attrs(), overwrite=overwrite, create=create)
-        return cls(path, manifest)
+        cls._open_store(path, manifest.to_attrs(), overwrite=overwrite, create=create, options=options)
+        return cls(path, manifest, options)
 
     @staticmethod
     def completed(path: str | os.PathLike, *, num_inputs: int, latent_shape: Sequence[int], split: str,
                   vae_identity: dict[str, Any], image_recipe: dict[str, Any], chunk_size: int = 256,
-                  latent_dtype: str = "float16") -> CacheManifest | None:
+                  latent_dtype: str = "float16", options: dict[str, Any] | None = None) -> CacheManifest | None:
         """The manifest of a complete cache at `path` written with exactly `spec`, else None.
 
         Takes the spec arguments of `open`. Rerunning a finished encode with the same command
@@ -98,7 +103,7 @@ class CacheWriter(StagedWriter):
         """
         wanted = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe,
                                      chunk_size, latent_dtype)
-        attrs = CacheWriter._completed_attrs(Path(path), wanted.to_attrs())
+        attrs = CacheWriter._completed_attrs(path, wanted.to_attrs(), options)
         return None if attrs is None else CacheManifest.from_attrs(attrs)
 
     @classmethod
@@ -157,7 +162,7 @@ class CacheWriter(StagedWriter):
                              f"{skipped_keys[0]!r}: {skipped_reasons[0]}); nothing to cache. Check the image source.")
 
         # pass 2: copy the samples into chunk-aligned blocks of the final arrays
-        group = zarr.open_group(self.path, mode="r+")
+        group = self._open_group("r+")
         arrays = self._create_arrays(group, stats.count)
         block_rows = self.chunk_size * _WRITE_BLOCK_CHUNKS
         pending: dict[str, list[np.ndarray]] = {name: [] for name in arrays}

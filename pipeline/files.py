@@ -27,6 +27,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it the permissions open() would
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
@@ -57,6 +58,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it owner-only; give it the permissions mkdir would
     try:
         yield tmp
     except BaseException:
@@ -69,3 +71,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it; it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -8,6 +8,7 @@ scaled (not clipped) to 8 bits. EXIF orientation is not applied, like the refere
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from typing import Any
@@ -16,7 +17,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff")
+
+
+@functools.lru_cache(maxsize=1)
+def image_extensions() -> tuple[str, ...]:
+    """Every file extension Pillow can open here (lower case, with the dot): .jpg, .png, .gif, .webp, ..."""
+    Image.init()  # registers all of Pillow's format plugins
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
+
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I" is read as 16-bit data, as 16-bit PNGs were
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

@@ -1,4 +1,4 @@
-"""Channel multi-group quantization (METHOD.md): T token positions, each with its own codebook of K vectors.
+"""Channel multi-group quantization (docs/method.md): T token positions, each with its own codebook of K vectors.
 
 The standardized latent (C, H, W) is flattened in (C, H, W) order and cut into T contiguous tokens of
 d = C*H*W / T values. Token position t is quantized to the nearest of its K codes (exact Euclidean
@@ -177,7 +177,7 @@ class MultiGroupQuantizer(nn.Module):
 
         Args:
             tokens: standardized training tokens, (N, T, d).
-            method: "sample" draws K distinct tokens per position uniformly (METHOD.md); "kmeans++" uses
+            method: "sample" draws K distinct tokens per position uniformly (docs/method.md); "kmeans++" uses
                 D^2 seeding per position (cost O(K*N*T*d): meant for an accelerator).
             generator: the random stream (a CPU generator makes the result device independent).
             allow_replacement: K > N is an error unless True; then each position first takes all N tokens
@@ -234,7 +234,7 @@ class MultiGroupQuantizer(nn.Module):
     @torch.no_grad()
     def reset_dead_codes(self, counts: torch.Tensor, fraction: float = 0.2, noise: float = 0.1,
                          generator: torch.Generator | None = None) -> int:
-        """Non-activation reset (METHOD.md); returns how many codes were overwritten.
+        """Non-activation reset (docs/method.md); returns how many codes were overwritten.
 
         Per position: r = min(floor(fraction * K), number of codes with count 0); the r least-used codes
         (all unused; lowest ids first among equals) become copies of the r most-used codes (highest count

@@ -1,4 +1,4 @@
-"""The rectifier (METHOD.md): a small EfficientViT network at latent resolution that removes most of the
+"""The rectifier (docs/method.md): a small EfficientViT network at latent resolution that removes most of the
 quantization error, (B, C, H, W) -> (B, C, H, W) in the standardized latent space.
 
     x -> conv3x3 C->W  (+ x repeated along channels, W/C times each)   # stem with channel-repeat shortcut

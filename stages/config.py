@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from revq_pipe.cache import storage
 from revq_pipe.cache.storage import is_url
 from revq_pipe.pipeline.files import atomic_write_text
 from revq_pipe.pipeline.rectifier_spec import FORWARDS, KINDS, RectifierSpec
@@ -34,6 +35,13 @@ class ConfigError(ValueError):
 @dataclass
 class PathsConfig:
     root: str = "artifacts"  # every generated cache and run lives below this folder
+
+
+@dataclass
+class StorageConfig:
+    # An S3-compatible endpoint (MinIO, R2, a local test server); empty = the standard places
+    # (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, ~/.aws). Credentials never come from here.
+    endpoint_url: str = ""
 
 
 @dataclass
@@ -50,7 +58,7 @@ DEMO_VAE = str(Path(__file__).resolve().parents[1] / "demo" / "vae")
 
 # Settings that name a local file or folder (or a URL); made absolute by load_config.
 PATH_KEYS = ("paths.root", "data.train_images", "data.val_images", "data.train_cache", "data.val_cache",
-             "train.run", "train.init_from", "eval.fid_weights", "eval.lpips_weights", "tokenize.out")
+             "train.run", "train.init_from", "train.push_to", "eval.fid_weights", "eval.lpips_weights", "tokenize.out")
 
 
 @dataclass
@@ -99,6 +107,7 @@ class TrainConfig:
     allow_small_cache: bool = False
     init_from: str = ""  # a tokenizer folder to start codebooks, rectifier (and statistics) from
     init_statistics: bool = True  # with init_from: keep the tokenizer's normalizer statistics
+    push_to: str = ""  # a URL (or folder) the finished tokenizer/ is copied to; the run itself stays local
     log_every: int = 50
 
 
@@ -126,6 +135,7 @@ class ToleranceConfig:
 @dataclass
 class RevqConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
@@ -135,6 +145,10 @@ class RevqConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     tolerance: ToleranceConfig = field(default_factory=ToleranceConfig)
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for every URL location (an explicit endpoint; credentials from the standard places)."""
+        return storage.storage_options(self.storage.endpoint_url)
 
 
 CHOICES = {
@@ -174,6 +188,18 @@ def config_to_dict(cfg: RevqConfig) -> dict[str, Any]:
 def save_config(cfg: RevqConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically) next to a command's outputs."""
     return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def save_config_beside(cfg: RevqConfig, store: str | Path, options: dict | None = None) -> str | Path:
+    """Write the resolved config as <store stem>.config.yaml beside a store (local path or URL); returns where."""
+    if not storage.is_url(store):
+        return save_config(cfg, Path(store).with_suffix(".config.yaml"))
+    head, _, name = str(store).rstrip("/").rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name.strip(".") else name
+    target = f"{head}/{stem}.config.yaml"
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    storage.write_bytes_atomic(target, text.encode(), options)
+    return target
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "dict") -> RevqConfig:

@@ -10,7 +10,8 @@
   patterns in their expansion order), samples in member order, grouped by webdataset key (the
   member path up to the first dot of its file name). A sample's image is its jpg/jpeg/png/webp
   member, its label the integer in an optional `cls` member (else -1), its key the tar key.
-  Samples without an image member (e.g. metadata only) are not part of the dataset.
+  Samples without an image member (e.g. metadata only) are not inputs; they are listed in `ignored`,
+  like the non-image files of a folder, and stages report how many there were.
 
 Every rank and DataLoader worker reads arbitrary indices, so tar shards are indexed once
 (member offsets via `tarfile`) and `read_bytes(i)` seeks straight to the member.
@@ -23,7 +24,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,7 +32,8 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, Dataset
 from webdataset.tariterators import base_plus_ext
 
-from revq_pipe.pipeline.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, preprocess
+from revq_pipe.cache import storage
+from revq_pipe.pipeline.images import ImageDecodeError, decode_image, image_extensions, preprocess
 
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample holds several
 TAR_LABEL_EXTENSION = "cls"
@@ -40,9 +42,11 @@ TAR_LABEL_EXTENSION = "cls"
 class ImageDataset:
     """Encoded images by index: `len`, `key(i)`, `label(i)`, `read_bytes(i)`."""
 
-    def __init__(self, source: str, keys: list[str], labels: np.ndarray, classes: list[str] | None = None):
+    def __init__(self, source: str, keys: list[str], labels: np.ndarray, classes: list[str] | None = None,
+                 ignored: list[str] | None = None):
         self.source = source
         self.classes = classes  # class folder names of an ImageFolder tree, else None
+        self.ignored = ignored or []  # files (or tar samples) that are no image Pillow can open: not inputs
         self._keys = keys
         self._labels = labels  # (N,) int64, -1 when unknown
 
@@ -62,8 +66,9 @@ class ImageDataset:
 class FolderImageDataset(ImageDataset):
     """Image files below a root folder."""
 
-    def __init__(self, root: Path, relative_paths: list[str], labels: np.ndarray, classes: list[str] | None):
-        super().__init__(str(root), relative_paths, labels, classes)
+    def __init__(self, root: Path, relative_paths: list[str], labels: np.ndarray, classes: list[str] | None,
+                 ignored: list[str] | None = None):
+        super().__init__(str(root), relative_paths, labels, classes, ignored)
         self.root = root
 
     def read_bytes(self, i: int) -> bytes:
@@ -74,21 +79,31 @@ class TarImageDataset(ImageDataset):
     """Samples of uncompressed tar shards, read by seeking to the indexed member."""
 
     def __init__(self, source: str, shards: list[str], keys: list[str], labels: np.ndarray,
-                 locations: np.ndarray):
-        super().__init__(source, keys, labels)
+                 locations: np.ndarray, ignored: list[str] | None = None, options: dict[str, Any] | None = None):
+        super().__init__(source, keys, labels, ignored=ignored)
         self.shards = shards
+        self.options = options  # fsspec storage options when the shards are URLs
         self._locations = locations  # (N, 3) int64: shard index, data offset, size
 
     def read_bytes(self, i: int) -> bytes:
         shard, offset, size = (int(v) for v in self._locations[i])
+        if storage.is_url(self.shards[shard]):  # one ranged GET of the member's bytes
+            fs, path = storage.filesystem(self.shards[shard], self.options)
+            return fs.cat_file(path, start=offset, end=offset + size)
         with open(self.shards[shard], "rb") as f:  # opened per read: safe in forked workers, cheap next to decoding
             f.seek(offset)
             return f.read(size)
 
 
-def open_image_dataset(path: str | os.PathLike) -> ImageDataset:
-    """Open an ImageFolder tree, a flat image folder, a .tar shard, a folder of shards, a glob or a brace pattern."""
+def open_image_dataset(path: str | os.PathLike, options: dict[str, Any] | None = None) -> ImageDataset:
+    """Open an ImageFolder tree, a flat image folder, a .tar shard, a folder of shards, a glob or a brace pattern.
+
+    On object storage (a URL; `options` are its fsspec storage options) the source must be webdataset
+    shards: one .tar URL, a prefix holding .tar objects, a glob or a brace pattern.
+    """
     text = str(path)
+    if storage.is_url(text):
+        return _open_tar_shards(text, _shard_urls(text, options), options)
     if "{" in text and "}" in text:
         shards = list(braceexpand(text))
         missing = [s for s in shards if not Path(s).is_file()]
@@ -113,17 +128,55 @@ def open_image_dataset(path: str | os.PathLike) -> ImageDataset:
     return _open_image_folder(root)
 
 
+def _shard_urls(url: str, options: dict[str, Any] | None) -> list[str]:
+    """The .tar objects a URL names: itself, a brace expansion, a glob, or the .tar objects under a prefix."""
+    fs, _ = storage.filesystem(url, options)
+    scheme = url.split("://", 1)[0]
+    if "{" in url and "}" in url:
+        shards = list(braceexpand(url))
+        missing = [s for s in shards if not fs.exists(storage.filesystem(s, options)[1])]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of the {len(shards)} shards of {url} do not exist (first: "
+                                    f"{missing[0]}); fix --images")
+        return shards
+    if any(c in url for c in "*?["):
+        shards = sorted(f"{scheme}://{p}" for p in fs.glob(storage.filesystem(url, options)[1]))
+    elif url.endswith(".tar"):
+        shards = [url]
+    else:
+        shards = sorted(f"{scheme}://{p}" for p in fs.ls(storage.filesystem(url, options)[1], detail=False)
+                        if p.endswith(".tar"))
+    if not shards:
+        raise FileNotFoundError(f"no .tar shard at {url}; on object storage --images must name webdataset shards "
+                                "(a .tar URL, a prefix holding .tar objects, a glob or a brace pattern)")
+    return shards
+
+
+def _open_shard(shard: str, options: dict[str, Any] | None):
+    """A binary, seekable file object for a local shard or a shard URL (ranged reads on object storage)."""
+    if storage.is_url(shard):
+        fs, path = storage.filesystem(shard, options)
+        return fs.open(path, "rb")
+    return open(shard, "rb")
+
+
 # --- image folders --------------------------------------------------------------------------
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    return name.lower().endswith(image_extensions())
 
 
 def _open_image_folder(root: Path) -> FolderImageDataset:
-    """Class subfolders -> ImageFolder labels; no subfolders -> a flat folder with labels -1."""
+    """Class subfolders -> ImageFolder labels; no subfolders -> a flat folder with labels -1.
+
+    Every file Pillow can open counts (by extension); other files are listed in `ignored`, hidden
+    files and folders (names starting with a dot) are passed over silently.
+    """
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    top_level = sorted(p.name for p in root.iterdir() if p.is_file() and _is_image(p.name))
+    loose = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    top_level = [name for name in loose if _is_image(name)]
+    ignored = [name for name in loose if not _is_image(name)]
     if classes and top_level:
         raise ValueError(f"{root} holds both image files ({top_level[0]}, ...) and class folders ({classes[0]}, ...); "
                          "move the loose images into a class folder, or point --images at a folder of one kind")
@@ -135,37 +188,43 @@ def _open_image_folder(root: Path) -> FolderImageDataset:
             for directory, subdirs, files in os.walk(root / name, followlinks=True):
                 subdirs[:] = [d for d in subdirs if not d.startswith(".")]
                 rel_dir = Path(directory).relative_to(root).as_posix()
-                entries += [(f"{rel_dir}/{f}", label) for f in files if _is_image(f)]
+                visible = [f for f in files if not f.startswith(".")]
+                entries += [(f"{rel_dir}/{f}", label) for f in visible if _is_image(f)]
+                ignored += [f"{rel_dir}/{f}" for f in visible if not _is_image(f)]
         entries.sort()
         paths, labels = [p for p, _ in entries], [label for _, label in entries]
     if not paths:
-        raise ValueError(f"{root} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)}); "
-                         "point --images at an ImageFolder tree or .tar shards")
-    return FolderImageDataset(root, paths, np.asarray(labels, dtype=np.int64), classes or None)
+        raise ValueError(f"{root} holds no images Pillow can open ({len(ignored)} other files, e.g. "
+                         f"{ignored[:3]}); point --images at an ImageFolder tree or .tar shards")
+    return FolderImageDataset(root, paths, np.asarray(labels, dtype=np.int64), classes or None, sorted(ignored))
 
 
 # --- tar shards -----------------------------------------------------------------------------
 
 
-def _open_tar_shards(source: str, shards: list[str]) -> TarImageDataset:
-    keys, labels, locations = [], [], []
+def _open_tar_shards(source: str, shards: list[str], options: dict[str, Any] | None = None) -> TarImageDataset:
+    keys, labels, locations, ignored = [], [], [], []
     for shard_index, shard in enumerate(shards):
-        for key, image, label in _index_shard(shard):
+        for key, image, label in _index_shard(shard, options):
+            if image is None:
+                ignored.append(f"{Path(shard).name}:{key}")
+                continue
             keys.append(key)
             labels.append(label)
             locations.append((shard_index, *image))
     if not keys:
-        raise ValueError(f"{source} holds no image samples (tar members ending in "
+        raise ValueError(f"{source} holds no image samples (tar members with an extension Pillow opens, such as "
                          f".{', .'.join(TAR_IMAGE_EXTENSIONS)}); check --images")
     return TarImageDataset(source, shards, keys, np.asarray(labels, dtype=np.int64),
-                           np.asarray(locations, dtype=np.int64).reshape(-1, 3))
+                           np.asarray(locations, dtype=np.int64).reshape(-1, 3), ignored, options)
 
 
-def _index_shard(shard: str) -> list[tuple[str, tuple[int, int], int]]:
-    """(key, (data offset, size) of the image member, label) for each sample of one shard, in member order."""
+def _index_shard(shard: str, options: dict[str, Any] | None = None) -> list[tuple[str, tuple[int, int] | None, int]]:
+    """(key, (data offset, size) of the image member or None without one, label) per sample, in member order."""
     samples: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
     try:
-        with tarfile.open(shard, mode="r:") as tar:  # "r:" = uncompressed only: compressed tars cannot seek
+        # "r:" = uncompressed only: compressed tars cannot seek
+        with _open_shard(shard, options) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -181,10 +240,11 @@ def _index_shard(shard: str) -> list[tuple[str, tuple[int, int], int]]:
         raise ValueError(f"cannot read the tar shard {shard} ({error}); "
                          "shards must be uncompressed .tar files") from None
     index = []
+    openable = {e.lstrip(".") for e in image_extensions()}
     for (key, members), label in zip(samples, labels):
-        ext = next((e for e in TAR_IMAGE_EXTENSIONS if e in members), None)
-        if ext is not None:
-            index.append((key, (members[ext].offset_data, members[ext].size), label))
+        preferred = [e for e in TAR_IMAGE_EXTENSIONS if e in members]
+        ext = (preferred or sorted(e for e in members if e in openable) or [None])[0]
+        index.append((key, None if ext is None else (members[ext].offset_data, members[ext].size), label))
     return index
 
 

@@ -10,19 +10,24 @@ listed at the end.
 
 The resolved config is written next to the store as <store>.config.yaml (e.g.
 cache/train.config.yaml for cache/train.zarr), once the store is opened and before encoding.
+
+`out` may be a URL (s3://bucket/prefix/train.zarr, any fsspec scheme): the store is then written
+through fsspec with the options of `storage.storage_options(cfg.storage.endpoint_url)` (credentials
+from the standard places), and the config goes beside it as the object
+s3://bucket/prefix/train.config.yaml, written by one PUT; never inside the store, so replacing or
+deleting the store leaves the record of the command that made it. A URL is never turned into a
+local path.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
-
 from revq_pipe.cache.schema import CacheManifest
 from revq_pipe.cache.writer import CacheWriter
 from revq_pipe.pipeline.images import recipe
 from revq_pipe.pipeline.vae import FrozenVAE
-from revq_pipe.stages.config import RevqConfig, save_config
+from revq_pipe.stages.config import RevqConfig, save_config_beside
 from revq_pipe.stages.console import log, progress
 from revq_pipe.stages.datasets import map_units, open_image_dataset
 from revq_pipe.stages.distributed import distributed, run_on_main
@@ -34,17 +39,22 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
 
     Run it under torchrun to spread the work over processes / GPUs. Returns the manifest.
     """
+    options = cfg.storage_options()
     with distributed(cfg.vae.device) as ctx:
         # ---- setup: data, model, store --------------------------------------------------------
-        dataset = open_image_dataset(images)
+        dataset = open_image_dataset(images, options)
         vae = FrozenVAE.load(cfg.vae.source, device=ctx.device, autocast_bf16=cfg.vae.autocast_bf16)
         latent_shape = vae.latent_shape(cfg.data.resolution)  # stops here if R does not fit the VAE
         log(f"encode {split}: {len(dataset)} images from {images} at {cfg.data.resolution}px -> "
             f"{latent_shape} latents with {vae.class_name} {vae.source} on {ctx.device} "
             f"({ctx.world_size} process{'es' if ctx.world_size > 1 else ''})")
+        if dataset.ignored:
+            log(f"ignored {len(dataset.ignored)} files that are no image Pillow opens (first: "
+                f"{', '.join(dataset.ignored[:5])}); they are recorded in the store's 'ignored'")
         writer_args = dict(num_inputs=len(dataset), latent_shape=latent_shape, split=split,
                            vae_identity=vae.identity, image_recipe=recipe(cfg.data.resolution),
-                           chunk_size=cfg.encode.chunk_size, latent_dtype=cfg.encode.latent_dtype)
+                           chunk_size=cfg.encode.chunk_size, latent_dtype=cfg.encode.latent_dtype,
+                           options=options)
         finished = None if overwrite else CacheWriter.completed(out, **writer_args)
         if finished is not None:
             log(f"{out} already holds this complete {split!r} cache ({finished.num_samples} latents); "
@@ -55,7 +65,7 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
         if not ctx.is_main:
             writer = CacheWriter.open(out, overwrite=overwrite, create=False, **writer_args)
         else:
-            config_path = save_config(cfg, Path(out).with_suffix(".config.yaml"))
+            config_path = save_config_beside(cfg, out, options)
             log(f"resolved config written to {config_path}")
             if writer.num_staged:
                 log(f"resuming: {writer.num_staged} of {writer.num_units} units already encoded")

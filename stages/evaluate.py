@@ -106,7 +106,7 @@ def _evaluate(cfg: RevqConfig, run: Path, split: str, images: str | None, from_c
 def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, images: str, stem: Path,
                      ctx: DistContext) -> dict:
     # --- setup: data, VAE, metric networks; then the config, once every input is known good --------
-    dataset = open_image_dataset(images)
+    dataset = open_image_dataset(images, cfg.storage_options())
     vae = tokenizer_vae(cfg, tokenizer, ctx.device)
     resolution = image_resolution(tokenizer, cfg)
     if vae.latent_shape(resolution) != tokenizer.latent_shape:
@@ -166,7 +166,7 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, imag
 
 def _evaluate_latents(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, path: str, config_path: Path,
                       ctx: DistContext) -> dict:
-    cache = LatentCache.open(path)
+    cache = LatentCache.open(path, options=cfg.storage_options())
     cache.check_matches(tokenizer.vae_identity, tokenizer.latent_shape, what="the tokenizer",
                         fix="pass the cache of the split encoded with the tokenizer's VAE (--cache STORE)")
     if ctx.is_main:

@@ -37,9 +37,9 @@ CHECKPOINT_VERSION = 2  # 2: the schedule is a pure function of (epoch, step); s
 
 # Settings a resumed run may change: they do not change what training computes. Everything else
 # (data, quantizer, rectifier, optimizer, schedule, seed, placement) must match the checkpoint.
-RESUME_FREE_SECTIONS = ("paths", "vae", "encode", "eval", "tokenize", "tolerance")
+RESUME_FREE_SECTIONS = ("paths", "storage", "vae", "encode", "eval", "tokenize", "tolerance")
 RESUME_FREE_KEYS = ("data.train_images", "data.val_images", "data.resolution", "train.run", "train.log_every",
-                    "train.epochs", "train.device", "quantizer.search_memory_mb")
+                    "train.epochs", "train.device", "train.push_to", "quantizer.search_memory_mb")
 
 
 # --- resuming -----------------------------------------------------------------------------------

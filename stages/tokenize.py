@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from revq_pipe.cache.reader import LatentCache
+from revq_pipe.cache import storage
 from revq_pipe.cache.token_store import TokenWriter
 from revq_pipe.pipeline.images import recipe
 from revq_pipe.pipeline.tokenizer import RevqTokenizer
-from revq_pipe.stages.config import RevqConfig, save_config
+from revq_pipe.stages.config import RevqConfig, save_config_beside
 from revq_pipe.stages.console import log, progress
 from revq_pipe.stages.datasets import UnitOutputs, map_units, open_image_dataset
 from revq_pipe.stages.distributed import DistContext, distributed, run_on_main
@@ -51,10 +52,12 @@ def _tokenize(cfg: RevqConfig, run: Path, split: str | None, images: str | None,
               overwrite: bool, ctx: DistContext) -> Path:
     # --- setup: tokenizer, source, store ---------------------------------------------------------
     tokenizer = load_tokenizer(run, ctx.device)
-    source = (_CacheSource(cache, tokenizer, cfg.tokenize.batch_size, ctx) if cache is not None
+    source = (_CacheSource(cache, tokenizer, cfg, ctx) if cache is not None
               else _ImageSource(images, tokenizer, cfg, ctx))
     split = split or source.split
-    out = Path(out.replace("{split}", split))
+    out = out.replace("{split}", split)
+    out = out if storage.is_url(out) else Path(out)  # a URL is never taken for a local path
+    options = cfg.storage_options()
     layout = {"num_tokens": tokenizer.num_tokens, "token_dim": tokenizer.token_dim,
               "codebook_size": tokenizer.codebook_size, "latent_shape": list(tokenizer.latent_shape),
               "order": "the latent flattened in (C, H, W) order, cut into T contiguous tokens of d values",
@@ -63,16 +66,16 @@ def _tokenize(cfg: RevqConfig, run: Path, split: str | None, images: str | None,
                 codebook_size=tokenizer.codebook_size, layout=layout,
                 tokenizer=tokenizer_identity(run / TOKENIZER_DIR), vae=source.vae_identity,
                 source=source.description, chunk_size=cfg.encode.chunk_size)
-    finished = None if overwrite else TokenWriter.completed(out, **spec)
+    finished = None if overwrite else TokenWriter.completed(out, options, **spec)
     if finished is not None:
         log(f"{out} already holds this complete token export ({finished['num_samples']} x {tokenizer.num_tokens} "
             "ids); nothing to do (pass --overwrite to export again)")
         return out
-    writer = run_on_main(ctx, lambda: TokenWriter.open(out, overwrite=overwrite, create=True, **spec))
+    writer = run_on_main(ctx, lambda: TokenWriter.open(out, overwrite=overwrite, create=True, options=options, **spec))
     if not ctx.is_main:
-        writer = TokenWriter.open(out, create=False, **spec)
+        writer = TokenWriter.open(out, create=False, options=options, **spec)
     if ctx.is_main:
-        log(f"resolved config written to {save_config(cfg, out.with_suffix('.config.yaml'))}")
+        log(f"resolved config written to {save_config_beside(cfg, out, options)}")
 
     # --- tokenize this rank's pending units ----------------------------------------------------------
     units = writer.pending_units(ctx.rank, ctx.world_size)
@@ -99,7 +102,7 @@ class _ImageSource:
     unit = "img"
 
     def __init__(self, images: str, tokenizer: RevqTokenizer, cfg: RevqConfig, ctx: DistContext) -> None:
-        self.dataset = open_image_dataset(images)
+        self.dataset = open_image_dataset(images, cfg.storage_options())
         self.vae = tokenizer_vae(cfg, tokenizer, ctx.device)
         self.resolution = image_resolution(tokenizer, cfg)
         self.tokenizer, self.cfg, self.device = tokenizer, cfg, ctx.device
@@ -122,12 +125,12 @@ class _CacheSource:
 
     unit = "latent"
 
-    def __init__(self, path: str, tokenizer: RevqTokenizer, batch_size: int, ctx: DistContext) -> None:
-        self.cache = LatentCache.open(path)
+    def __init__(self, path: str, tokenizer: RevqTokenizer, cfg: RevqConfig, ctx: DistContext) -> None:
+        self.cache = LatentCache.open(path, options=cfg.storage_options())
         self.cache.check_matches(tokenizer.vae_identity, tokenizer.latent_shape, what="the tokenizer",
                                  fix="tokenize a cache encoded with the tokenizer's VAE")
         self.labels, self.keys = self.cache.labels(), self.cache.keys()
-        self.tokenizer, self.batch_size, self.device = tokenizer, batch_size, ctx.device
+        self.tokenizer, self.batch_size, self.device = tokenizer, cfg.tokenize.batch_size, ctx.device
         self.num_inputs = self.cache.num_samples
         self.split = self.cache.manifest.split
         self.vae_identity = self.cache.manifest.vae

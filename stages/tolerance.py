@@ -53,7 +53,7 @@ def _tolerance(cfg: RevqConfig, run: Path, images: str, ctx: DistContext) -> Pat
     tokenizer = load_tokenizer(run, ctx.device)
     vae = tokenizer_vae(cfg, tokenizer, ctx.device)
     resolution = image_resolution(tokenizer, cfg)
-    dataset = open_image_dataset(images)
+    dataset = open_image_dataset(images, cfg.storage_options())
     num_inputs = len(dataset) if cfg.tolerance.limit <= 0 else min(cfg.tolerance.limit, len(dataset))
     nets = load_metric_networks(cfg.eval.fid_weights, cfg.eval.lpips_weights, ctx.device)
     if ctx.is_main:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from revq_pipe.cache import storage
 from revq_pipe.cache.loader import INIT_STREAM, RESET_STREAM, LatentSource, derived_generator
 from revq_pipe.cache.reader import LatentCache
 from revq_pipe.pipeline.normalizer import LatentNormalizer
@@ -43,8 +44,8 @@ def _train(cfg: RevqConfig, ctx: DistContext) -> Path:
     tc = cfg.train
     run = Path(tc.run)
     # --- setup: caches, checks, run directory (written only once every check has passed) --------
-    train_cache = LatentCache.open(cfg.data.train_cache)  # refuses an incomplete cache
-    val_cache = LatentCache.open(cfg.data.val_cache)
+    train_cache = LatentCache.open(cfg.data.train_cache, options=cfg.storage_options())  # refuses an incomplete cache
+    val_cache = LatentCache.open(cfg.data.val_cache, options=cfg.storage_options())
     train_cache.check_compatible(val_cache)
     _check_sizes(cfg, train_cache)
     init = _init_tokenizer(cfg, train_cache) if tc.init_from else None
@@ -105,6 +106,9 @@ def _train(cfg: RevqConfig, ctx: DistContext) -> Path:
                                        else "per-element population mean and std of the training cache")})
         tokenizer.save_pretrained(run / TOKENIZER_DIR)
         log(f"tokenizer written to {run / TOKENIZER_DIR} (RevqTokenizer.from_pretrained loads it)")
+        if tc.push_to:  # config.json last: whoever finds it finds the weights
+            storage.upload_dir(run / TOKENIZER_DIR, tc.push_to, cfg.storage_options(), last=("config.json",))
+            log(f"tokenizer pushed to {tc.push_to}")
     ctx.barrier()
     return run
 

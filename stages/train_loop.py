@@ -21,7 +21,7 @@ class LrSchedule:
     """The learning rate of both parameter groups at every step, a pure function of (epoch, step).
 
     Exponential decay once per epoch, from 1 at epoch 0 to `final_fraction` at epoch
-    `schedule_epochs - 1` (METHOD.md). Past that epoch, as when a finished run is extended, the
+    `schedule_epochs - 1` (docs/method.md). Past that epoch, as when a finished run is extended, the
     decay continues at the same per-epoch rate, below `final_fraction`: an extended run therefore
     differs from one started with more epochs (whose decay is slower), and says so in its log.
     The rectifier's rate also ramps up linearly over its first `rectifier_warmup_steps` steps: the

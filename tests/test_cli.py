@@ -1,5 +1,6 @@
 """The CLI surface: commands listed, bad settings refused with one clear line."""
 
+import json
 import subprocess
 import sys
 
@@ -45,3 +46,50 @@ def test_missing_inputs_name_the_path(tmp_path):
                                  "--val-cache", str(tmp_path / "v.zarr"), "--run", str(tmp_path / "run")])
     assert result.exit_code == 2 and "t.zarr" in result.output.replace("\n", "")
     assert not (tmp_path / "c.zarr").exists()
+
+
+def test_help_shows_metavars_and_config_prints_every_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    help_text = runner.invoke(app, ["cache", "info", "--help"]).output
+    assert "STORE" in help_text and "{store}" not in help_text and "<bool>" not in help_text
+    result = runner.invoke(app, ["config", "--set", "train.epochs=7", "--set", "train.run=runs/x"])
+    assert result.exit_code == 0
+    assert "epochs: 7" in result.output and f"run: {tmp_path / 'runs/x'}" in result.output
+    assert "import-reference" in runner.invoke(app, ["--help"]).output
+
+
+def test_the_cli_is_not_shadowed_by_a_users_own_modules(tmp_path):
+    """A user's cache.py and pipeline/ in the working directory must not replace the tool's packages."""
+    (tmp_path / "cache.py").write_text("raise SystemExit('the user cache.py was imported')\n")
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "__init__.py").write_text("raise SystemExit('the user pipeline/ was imported')\n")
+    (tmp_path / "stages.py").write_text("raise SystemExit('the user stages.py was imported')\n")
+    script = "from revq_pipe.stages.cli import main; import sys; sys.argv = ['revq-pipe', 'config']; main()"
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "user" not in result.stderr and "quantizer:" in result.stdout
+
+
+def test_a_run_given_to_eval_supplies_its_own_data(tmp_path, monkeypatch):
+    """eval --run DIR takes the images the run recorded, not the built-in demo data."""
+    from helpers_eval import make_eval_setup
+
+    from revq_pipe.stages.config import save_config
+
+    setup = make_eval_setup(tmp_path / "setup")
+    save_config(setup.cfg, setup.run / "config.yaml")  # what `revq-pipe train` records
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("REVQ_FID_WEIGHTS", raising=False)
+    monkeypatch.delenv("REVQ_LPIPS_WEIGHTS", raising=False)
+    result = runner.invoke(app, ["eval", "--run", str(setup.run), "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((setup.run / "eval_val_first3.json").read_text())
+    assert report["protocol"]["source"] == setup.cfg.data.val_images and report["num_images"] == 3
+    assert not (elsewhere / "artifacts").exists()
+    # a report of another scope never replaces this one
+    result = runner.invoke(app, ["eval", "--run", str(setup.run), "--from-cache"])
+    assert result.exit_code == 0, result.output
+    assert (setup.run / "eval_val_latents.json").is_file()
+    assert json.loads((setup.run / "eval_val_first3.json").read_text()) == report

@@ -1,4 +1,4 @@
-"""Every shipped preset parses, builds its rectifier, and the paper presets carry METHOD.md's numbers."""
+"""Every shipped preset parses, builds its rectifier, and the paper presets carry docs/method.md's numbers."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from revq_pipe.stages.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PRESETS = sorted(CONFIGS.glob("*.yaml"))
-# preset: (tokens T, codebook K, rectifier width, depth), from METHOD.md's table
+# preset: (tokens T, codebook K, rectifier width, depth), from docs/method.md's table
 PAPER = {"512T": (512, 16384, 512, 3), "256T-B": (256, 65536, 1024, 4), "256T-L": (256, 262144, 512, 4)}
 
 

@@ -120,3 +120,17 @@ def test_labels_are_int(tmp_path):
     ds = open_image_dataset(str(tmp_path / "train-*.tar"))
     assert all(isinstance(ds.label(i), int) for i in range(len(ds)))
     assert isinstance(ds.read_bytes(0), bytes) and np.frombuffer(ds.read_bytes(0), np.uint8)[1:4].tobytes() == b"PNG"
+
+
+def test_every_format_pillow_opens_is_an_input_and_other_files_are_counted(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "images"
+    (root / "cats").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(root / "cats" / "a.gif")
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(root / "cats" / "b.png")
+    (root / "cats" / "notes.txt").write_text("not an image")
+    (root / "cats" / ".hidden.png").write_bytes(b"")
+    dataset = open_image_dataset(root)
+    assert [dataset.key(i) for i in range(len(dataset))] == ["cats/a.gif", "cats/b.png"]
+    assert dataset.ignored == ["cats/notes.txt"]

@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("skimage")
 
-from revq_pipe.stages.demo import DEMO_PHOTOS, IMAGE_SIZE, split_rows, train_demo_vae, write_demo_images  # noqa: E402
+from revq_pipe.demo.images import DEMO_PHOTOS, IMAGE_SIZE, split_rows, write_demo_images  # noqa: E402
+from revq_pipe.demo.vae_training import train_demo_vae  # noqa: E402
 
 TRAIN_PER_PHOTO, VAL_PER_PHOTO = 3, 2
 
@@ -117,3 +118,36 @@ def test_train_demo_vae_saves_a_loadable_autoencoder(demo_images, tmp_path):
         latents = vae.encode(torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)).latent
         assert latents.shape == (2, 32, IMAGE_SIZE // 8, IMAGE_SIZE // 8)
         assert vae.decode(latents).sample.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_train_demo_vae_never_overwrites_without_being_told(demo_images, tmp_path):
+    out, summary = demo_images
+    target = tmp_path / "vae"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train_demo_vae(Path(summary["train_folder"]), target, steps=1, batch_size=4)
+    assert (target / "config.json").read_text() == "{}"  # checked before training, left untouched
+
+    train_demo_vae(Path(summary["train_folder"]), target, steps=1, batch_size=4, overwrite=True)
+    assert (target / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_cli_train_vae_writes_under_the_artifacts_root_and_refuses_a_second_time(demo_images, tmp_path):
+    from typer.testing import CliRunner
+
+    from revq_pipe.stages.cli import app
+
+    _, summary = demo_images
+    committed = Path(__file__).resolve().parents[1] / "demo" / "vae" / "diffusion_pytorch_model.safetensors"
+    before = committed.stat().st_mtime_ns if committed.is_file() else None
+    args = ["demo", "train-vae", "--images", summary["train_folder"], "--steps", "1", "--set", f"paths.root={tmp_path}"]
+    runner = CliRunner()
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert (tmp_path / "demo" / "vae" / "config.json").is_file()
+    assert (committed.stat().st_mtime_ns if committed.is_file() else None) == before
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output and str(tmp_path / "demo" / "vae") in again.output
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0

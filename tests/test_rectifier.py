@@ -1,4 +1,4 @@
-"""Rectifier: identity at start, the reference's plain form, METHOD.md's parameter counts, errors."""
+"""Rectifier: identity at start, the reference's plain form, docs/method.md's parameter counts, errors."""
 
 from __future__ import annotations
 

@@ -233,3 +233,23 @@ def test_a_finished_run_is_a_no_op_can_be_extended_and_never_shrinks(caches, tmp
 def test_an_empty_run_directory_is_refused(caches, tmp_path):
     with pytest.raises(ValueError, match="train.run is empty"):
         run_train(load_config(None, [*tiny_overrides(caches, tmp_path / "run"), "train.run="], {}))
+
+
+def test_init_from_a_tokenizer_starts_where_it_ended_and_refuses_another_geometry(caches, tmp_path):
+    base = run_train(tiny_config(caches, tmp_path / "base", "train.epochs=2"))
+    own = read_metrics(base)[-1]["val_rect_mse"]  # the tokenizer's own validation MSE
+    tuned = run_train(tiny_config(caches, tmp_path / "tuned", "train.epochs=1",
+                                  f"train.init_from={base / 'tokenizer'}"))
+    first = read_metrics(tuned)[0]
+    assert first["val_rect_mse"] <= own * 1.001, (first["val_rect_mse"], own)
+    tokenizer = RevqTokenizer.from_pretrained(tuned / "tokenizer", device="cpu")
+    assert tokenizer.provenance["trained"]["init_from"] == str(base / "tokenizer")
+    with pytest.raises(ValueError, match="quantizer.codebook_size=16"):
+        run_train(tiny_config(caches, tmp_path / "other", "quantizer.codebook_size=8",
+                              f"train.init_from={base / 'tokenizer'}"))
+    (tmp_path / "half").mkdir()
+    half = tuple(make_cache(tmp_path / "half", split, structured_latents(256, seed)[:, :, :2].copy())
+                 for split, seed in (("train", 0), ("val", 1)))  # latents of another shape
+    with pytest.raises(CacheError, match=r"shape \(8, 2, 4\) but the tokenizer"):
+        run_train(load_config(None, [*tiny_overrides(half, tmp_path / "w"), "quantizer.num_tokens=16",
+                                     f"train.init_from={base / 'tokenizer'}"], {}))

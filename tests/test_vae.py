@@ -85,3 +85,28 @@ def test_missing_and_unloadable(tmp_path):
     (broken / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     with pytest.raises(ValueError, match="UNet2DModel"):
         FrozenVAE.load(str(broken), device="cpu")
+
+
+def test_a_local_source_is_recorded_as_an_absolute_path(vae_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(vae_dir.parent)
+    vae = FrozenVAE.load(vae_dir.name, device="cpu")
+    assert vae.source == str(vae_dir.resolve()) and vae.identity["source"] == str(vae_dir.resolve())
+
+
+def test_a_missing_local_looking_path_is_never_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for source in ("./models/vae", "models/dc-ae/vae", str(tmp_path / "vae")):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            FrozenVAE.load(source, device="cpu")
+
+
+def test_a_hub_id_without_network_fails_fast_and_names_the_network(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="no network connection"):
+        FrozenVAE.load("some-org/some-vae", device="cpu")
+    assert time.perf_counter() - start < 10
