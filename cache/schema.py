@@ -57,6 +57,7 @@ class CacheManifest:
         vae: identity of the encoder: {"source", "class", "weights_sha256"}.
         image: preprocessing recipe: {"resolution", "resize", "crop", "value_range"}.
         skipped: {"count": n, "keys": [key, ...], "reasons": [reason, ...]} for unreadable inputs.
+        ignored: {"count": n, "keys": [...]} for files of the source that are no images (not inputs).
         package_version: revq-pipe version that wrote the cache.
         complete: true only once every array and the statistics are written.
         chunk_size: rows per Zarr chunk of `latents` (also the writer's unit of work).
@@ -70,6 +71,7 @@ class CacheManifest:
     vae: dict[str, Any]
     image: dict[str, Any]
     skipped: dict[str, Any] = field(default_factory=lambda: {"count": 0, "keys": [], "reasons": []})
+    ignored: dict[str, Any] = field(default_factory=lambda: {"count": 0, "keys": []})
     package_version: str = field(default_factory=package_version)
     complete: bool = False
     format: str = FORMAT
@@ -92,6 +94,7 @@ class CacheManifest:
             "vae": dict(self.vae),
             "image": dict(self.image),
             "skipped": dict(self.skipped),
+            "ignored": dict(self.ignored),
             "package_version": self.package_version,
         }
 
@@ -111,6 +114,7 @@ class CacheManifest:
             vae=dict(attrs["vae"]),
             image=dict(attrs["image"]),
             skipped=dict(attrs["skipped"]),
+            ignored=dict(attrs.get("ignored", {"count": 0, "keys": []})),
             package_version=attrs["package_version"],
             complete=bool(attrs["complete"]),
             format=attrs["format"],

@@ -147,15 +147,8 @@ class StagedWriter:
         if path.exists() and not path.is_dir():
             raise CacheError(f"{path} is a file, not a directory; choose another {cls.OUT_HINT}")
         if path.is_dir() and any(path.iterdir()):
-            if stored is None:
-                raise CacheError(f"{path} is not empty and is not a Zarr store; refusing to write {cls.CONTENTS} "
-                                 f"into it even with --overwrite. Choose a new or empty {cls.OUT_HINT}.")
-            resumable = stored.get("format") == cls.FORMAT and not stored.get("complete", False)
-            diffs = spec_differences(stored, attrs, cls.SPEC_FIELDS)
-            if resumable and not diffs:
+            if cls._resume_existing(path, stored, attrs, overwrite):
                 return
-            if not overwrite:
-                raise CacheError(cls._refusal(path, stored, resumable, diffs))
             shutil.rmtree(path)
 
         group = zarr.open_group(path, mode="w")
@@ -171,21 +164,30 @@ class StagedWriter:
         if fs.isfile(key):
             raise CacheError(f"{url} is an object, not a prefix; choose another {cls.OUT_HINT}")
         if storage.list_prefix(url, options):
-            if stored is None:
-                raise CacheError(f"{url} is not empty and is not a Zarr store; refusing to write {cls.CONTENTS} "
-                                 f"into it even with --overwrite. Choose a new or empty {cls.OUT_HINT}.")
-            resumable = stored.get("format") == cls.FORMAT and not stored.get("complete", False)
-            diffs = spec_differences(stored, attrs, cls.SPEC_FIELDS)
-            if resumable and not diffs:
+            if cls._resume_existing(url, stored, attrs, overwrite):
                 return
-            if not overwrite:
-                raise CacheError(cls._refusal(url, stored, resumable, diffs))
             # no atomic replace on an object store: first a manifest no reader trusts, then delete
             untrusted = {"zarr_format": 3, "node_type": "group", "attributes": {"complete": False}}
             storage.write_bytes_atomic(storage.join(url, "zarr.json"), json.dumps(untrusted).encode(), options)
             storage.remove_tree(url, options)
         group = zarr.open_group(storage.zarr_store(url, "w", options), mode="w")
         group.attrs.update(attrs)
+
+    @classmethod
+    def _resume_existing(cls, location: Location, stored: dict[str, Any] | None, attrs: dict[str, Any],
+                         overwrite: bool) -> bool:
+        """For a non-empty target: True to resume it as it is (an unfinished store of the same spec), False
+        when it may be replaced (`overwrite`); CacheError otherwise (never for something not a Zarr store)."""
+        if stored is None:
+            raise CacheError(f"{location} is not empty and is not a Zarr store; refusing to write {cls.CONTENTS} "
+                             f"into it even with --overwrite. Choose a new or empty {cls.OUT_HINT}.")
+        resumable = stored.get("format") == cls.FORMAT and not stored.get("complete", False)
+        diffs = spec_differences(stored, attrs, cls.SPEC_FIELDS)
+        if resumable and not diffs:
+            return True
+        if not overwrite:
+            raise CacheError(cls._refusal(location, stored, resumable, diffs))
+        return False
 
     @classmethod
     def _refusal(cls, path: Location, stored: dict[str, Any], resumable: bool, diffs: list[str]) -> str:

@@ -145,8 +145,11 @@ class CacheWriter(StagedWriter):
 
     # ---- phase two: assembly --------------------------------------------------------------------
 
-    def finalize(self) -> CacheManifest:
-        """Assemble the final arrays from every staged unit (rank 0 only); returns the manifest."""
+    def finalize(self, ignored: Sequence[str] = ()) -> CacheManifest:
+        """Assemble the final arrays from every staged unit (rank 0 only); returns the manifest.
+
+        `ignored` names the source's files that were no inputs (not images), recorded in the manifest.
+        """
         self._require_all_staged("finish encoding them (rerun with the same arguments) before finalize")
 
         # pass 1: sample count, statistics and skipped keys, all merged in unit order
@@ -187,7 +190,8 @@ class CacheWriter(StagedWriter):
         # the manifest last, and `complete` after everything else
         manifest = CacheManifest(**{**self.manifest.__dict__, "num_samples": stats.count, "complete": False,
                                     "skipped": {"count": len(skipped_keys), "keys": skipped_keys,
-                                                "reasons": skipped_reasons}})
+                                                "reasons": skipped_reasons},
+                                    "ignored": {"count": len(ignored), "keys": list(ignored)}})
         self._mark_complete(group, manifest.to_attrs())
         manifest.complete = True
         return manifest

@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import shutil
 import os
 import signal
 import subprocess
@@ -180,3 +181,16 @@ def test_kill_and_resume_writes_the_same_bytes(data, reference_store, tmp_path, 
     encode_in_process(data, out)
     assert f"resuming: {staged} of 6 units already encoded" in capsys.readouterr().err
     assert store_files(out) == store_files(reference_store)
+
+
+def test_files_that_are_no_images_are_counted_in_the_manifest(data, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(data["images"], images)
+    (images / "cat" / "README.txt").write_text("not an image")
+    (images / "cat" / "c00.gif").write_bytes((images / "cat" / "c00.png").read_bytes())  # a PNG under .gif
+    with one_thread():
+        manifest = run_encode(config(data["vae"]), split="train", images=str(images), out=str(tmp_path / "c.zarr"),
+                              overwrite=False)
+    assert manifest.ignored == {"count": 1, "keys": ["cat/README.txt"]}
+    assert "cat/c00.gif" in LatentCache.open(tmp_path / "c.zarr").keys()
+    assert LatentCache.open(tmp_path / "c.zarr").manifest.ignored["count"] == 1
