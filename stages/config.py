@@ -97,7 +97,7 @@ class TrainConfig:
     rectifier_lr: float = 5e-4
     rectifier_weight_decay: float = 1e-4
     final_lr_fraction: float = 0.05
-    rectifier_warmup_steps: int = 100  # linear ramp of the rectifier's lr (residual rectifiers only; see train_loop)
+    rectifier_warmup_steps: int = 100  # rectifier lr ramp, at most one epoch, residual form only (train_loop)
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"

@@ -80,7 +80,7 @@ def _train(cfg: RevqConfig, ctx: DistContext) -> Path:
         _init_codebooks(parts, train_data, cfg, ctx)
     schedule = LrSchedule(codebook_lr=tc.codebook_lr, rectifier_lr=tc.rectifier_lr,
                           schedule_epochs=state.schedule_epochs, final_fraction=tc.final_lr_fraction,
-                          rectifier_warmup_steps=tc.rectifier_warmup_steps if cfg.rectifier.residual else 0)
+                          rectifier_warmup_steps=_rectifier_warmup(cfg, steps_per_epoch))
     log(f"model: T={parts.quantizer.num_tokens} tokens of d={parts.quantizer.token_dim}, "
         f"K={parts.quantizer.codebook_size} codes per position ({parts.quantizer.codebooks.numel():,} codebook "
         f"params), rectifier {cfg.rectifier.kind} {sum(p.numel() for p in parts.rect_params):,} params; "
@@ -148,6 +148,12 @@ def _run_epoch(cfg: RevqConfig, state: TrainState, schedule: LrSchedule, train_d
         f"{usage['perplexity']:.1f} | {record['samples_per_s']:,.0f} samples/s | {state.elapsed_s:.1f} s, "
         f"run eta {remaining:,.0f} s")
     return record
+
+
+def _rectifier_warmup(cfg: RevqConfig, steps_per_epoch: int) -> int:
+    """Steps of the rectifier's linear warm-up: train.rectifier_warmup_steps, at most the first epoch, and none
+    for the reference's plain rectifier (kept exactly as the reference trains it)."""
+    return min(cfg.train.rectifier_warmup_steps, steps_per_epoch) if cfg.rectifier.residual else 0
 
 
 def _build_parts(cfg: RevqConfig, train_cache: LatentCache, init: RevqTokenizer | None,
