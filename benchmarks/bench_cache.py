@@ -204,15 +204,7 @@ def main() -> None:
 
         # ---- the real writer end to end, then minibatch reads from disk vs memory ----
         store = root / "store.zarr"
-        start = time.perf_counter()
-        writer = CacheWriter.open(store, num_inputs=n, latent_shape=data32.shape[1:], split="bench",
-                                  vae_identity={"source": "bench", "class": None, "weights_sha256": None},
-                                  image_recipe={}, chunk_size=256)
-        for u in writer.pending_units():
-            lo, hi = writer.unit_range(u)
-            writer.write_unit(u, data32[lo:hi], np.full(hi - lo, -1), [f"{i}" for i in range(lo, hi)], [])
-        writer.finalize()
-        writer_s = time.perf_counter() - start
+        writer_s = write_store(store, data32)
         cache = LatentCache.open(store)
         print(f"\nCacheWriter (stage + finalize, float16, 256-row chunks): {writer_s:.2f} s = "
               f"{n / writer_s:,.0f} samples/s; {directory_bytes(store) / n:.0f} B/sample on disk")
