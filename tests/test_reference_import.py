@@ -378,3 +378,29 @@ def test_round_trip_through_eval_tokenize_and_the_python_api(tmp_path):
     assert decoded.shape == images.shape
     torch.testing.assert_close(decoded, vae.decode(reference.forward(vae.encode(images))[1]).clamp(-1, 1),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_fine_tuning_from_an_imported_tokenizer_starts_no_worse(tmp_path):
+    """train --init-from an imported tokenizer: the first epoch validates no worse than the import itself."""
+    setup = make_eval_setup(tmp_path / "setup")
+    cache = LatentCache.open(setup.cache)
+    geometry = Geometry(shape=cache.latent_shape, tokens=16, codes=8, width=16, depth=1, head_dim=8)
+    reference = write_reference(tmp_path / "published", geometry, mean=cache.mean, std=cache.std)
+    out = tmp_path / "imported"
+    assert runner.invoke(app, ["import-reference", str(reference.folder), "--out", str(out),
+                               "--vae", str(setup.vae)]).exit_code == 0
+    settings = [f"data.train_cache={setup.cache}", f"data.val_cache={setup.cache}", "train.device=cpu",
+                "quantizer.num_tokens=16", "quantizer.codebook_size=8", "rectifier.width=16", "rectifier.depth=1",
+                "rectifier.head_dim=8", "rectifier.residual=false", "train.batch_size=4", "train.epochs=1"]
+    overrides = [arg for s in settings for arg in ("--set", s)]
+    own = runner.invoke(app, ["eval", "--from-cache", "--run", str(out), *overrides])
+    assert own.exit_code == 0, own.output
+    own_mse = json.loads((out / "eval_val_latents.json").read_text())["latent_mse"]
+    result = runner.invoke(app, ["train", "--run", str(tmp_path / "tuned"), "--init-from", str(out / "tokenizer"),
+                                 *overrides])
+    assert result.exit_code == 0, result.output
+    first = json.loads((tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["val_rect_mse"] <= own_mse, (first["val_rect_mse"], own_mse)
+    refused = runner.invoke(app, ["train", "--run", str(tmp_path / "wrong"), "--init-from", str(out / "tokenizer"),
+                                  *overrides, "--set", "rectifier.residual=true"])
+    assert refused.exit_code == 2 and "rectifier.residual=False" in refused.output.replace("\n", "")
