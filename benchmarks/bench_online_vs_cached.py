@@ -1,7 +1,7 @@
 """Benchmark: what the latent cache saves. Stage two fed online (JPEG -> DC-AE encoder) vs from the cache.
 
 Both ways run the same training step (stages.train_loop.train_step, fused AdamW) at the 512T geometry
-of configs/512T.yaml (T=512 tokens of d=4, K=16,384 codes per position, rectifier 512x3, METHOD.md's
+of configs/512T.yaml (T=512 tokens of d=4, K=16,384 codes per position, rectifier 512x3, docs/method.md's
 learning rates, fp32 step) on 256x256 images, from identical seeded weights, at the same batch size:
 
     online (baseline): read a JPEG file, decode + shorter-side resize + centre crop with the project's
@@ -10,7 +10,7 @@ learning rates, fp32 step) on 256x256 images, from identical seeded weights, at 
     cached (ours):     gather a random batch from the split held in memory (cache.reader.LatentCache.
         load_latents, then `data[index].float()`, as `revq-pipe train` does), then the training step.
 
-The encoder is the architecture of mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers (the VAE of METHOD.md)
+The encoder is the architecture of mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers (the VAE of docs/method.md)
 with random weights (no download here), built as a diffusers AutoencoderDC; its decoder is dropped, since
 training only encodes. The config is the "dc-ae-f32c32-sana-1.0" entry of diffusers' conversion script
 (huggingface/diffusers, scripts/convert_dcae_to_diffusers.py, get_ae_config); sana-1.1 has "the same
@@ -27,7 +27,7 @@ drives both processes one iteration at a time, alternating ways, batch sizes and
 machine load hits both alike; min / median / max are over --repeats iterations after warm-up.
 The whole schedule: one encode pass (decode + encoder forward + cache write per sample) + loading the
 split + 100 cached epochs, against 100 online epochs. The defaults (batch 4 and 8, 3 repeats) take
-about 4 minutes on 2 CPU cores, nearly all of it in the encoder.
+about 2 minutes on 2 idle CPU cores (4 to 6 while other jobs share them), nearly all of it in the encoder.
 
     .venv/bin/python benchmarks/bench_online_vs_cached.py [--batch-sizes 4,8] [--repeats 3] [--device auto]
 """
@@ -60,7 +60,7 @@ from revq_pipe.stages.config import RevqConfig, load_config
 from revq_pipe.stages.train_loop import TrainParts, build_optimizer, train_step
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "512T.yaml"
-EPOCHS, IMAGENET_TRAIN = 100, 1_281_167  # METHOD.md's schedule
+EPOCHS, IMAGENET_TRAIN = 100, 1_281_167  # docs/method.md's schedule
 ENCODER_NAME = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers (architecture, random weights)"
 # diffusers scripts/convert_dcae_to_diffusers.py, get_ae_config("dc-ae-f32c32-sana-1.0") = sana-1.1's encoder
 DC_AE_F32C32_SANA = {

@@ -22,9 +22,9 @@ if [ -d .whl ]; then
 fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-# The checkout is not installed there: expose pipeline/, cache/, stages/ as revq_pipe.*, as pyproject.toml maps them.
+# The checkout is not installed there: expose its folders as revq_pipe.*, as pyproject.toml maps them.
 mkdir -p "$work/src/revq_pipe"
-for part in pipeline cache stages; do ln -s "$PWD/$part" "$work/src/revq_pipe/$part"; done
+for part in pipeline cache stages demo; do ln -s "$PWD/$part" "$work/src/revq_pipe/$part"; done
 export PYTHONPATH=$work/src:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 cli() { $PY -m revq_pipe.stages.cli "$@"; }
 

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || { echo "run 'make setup' first: the versions are read from .venv" >&2; exit 2; }
 pins=$(.venv/bin/python -m pip freeze 2>/dev/null | grep -i -E \
-  '^(diffusers|zarr|numcodecs|donfig|google.crc32c|webdataset|braceexpand|importlib.metadata|lazy.importer)==')
+  '^(diffusers|zarr|numcodecs|donfig|google.crc32c|webdataset|braceexpand|importlib.metadata|lazy.importer|scikit.image)==')
 rm -rf .whl && mkdir .whl
 # shellcheck disable=SC2086  # one argument per pin
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
