@@ -134,8 +134,12 @@ class LatentCache:
 
     def check_compatible(self, other: "LatentCache") -> None:
         """Raise CacheError unless `other` was made by the same VAE with the same latent shape."""
-        other.check_matches(self.manifest.vae, self.latent_shape, what=f"the cache at {self.path}",
-                            fix="encode both splits at the same resolution with the same VAE", allow_unknown=False)
+        unnamed = [c.path for c in (self, other) if not c.manifest.vae.get("weights_sha256")]
+        fix = ("encode both splits at the same resolution with the same VAE" if not unnamed else
+               f"{unnamed[0]} was imported without naming its VAE: re-import it with `revq-pipe cache import ... "
+               "--vae PATH_OR_ID` (the VAE that made those latents), or encode both splits with one VAE")
+        other.check_matches(self.manifest.vae, self.latent_shape, what=f"the cache at {self.path}", fix=fix,
+                            allow_unknown=False)
 
     @property
     def nbytes(self) -> int:

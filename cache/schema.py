@@ -58,6 +58,7 @@ class CacheManifest:
         image: preprocessing recipe: {"resolution", "resize", "crop", "value_range"}.
         skipped: {"count": n, "keys": [key, ...], "reasons": [reason, ...]} for unreadable inputs.
         ignored: {"count": n, "keys": [...]} for files of the source that are no images (not inputs).
+        source: where the inputs came from (the images' path or URL), None for imported latents.
         package_version: revq-pipe version that wrote the cache.
         complete: true only once every array and the statistics are written.
         chunk_size: rows per Zarr chunk of `latents` (also the writer's unit of work).
@@ -72,6 +73,7 @@ class CacheManifest:
     image: dict[str, Any]
     skipped: dict[str, Any] = field(default_factory=lambda: {"count": 0, "keys": [], "reasons": []})
     ignored: dict[str, Any] = field(default_factory=lambda: {"count": 0, "keys": []})
+    source: str | None = None
     package_version: str = field(default_factory=package_version)
     complete: bool = False
     format: str = FORMAT
@@ -95,6 +97,7 @@ class CacheManifest:
             "image": dict(self.image),
             "skipped": dict(self.skipped),
             "ignored": dict(self.ignored),
+            "source": self.source,
             "package_version": self.package_version,
         }
 
@@ -115,6 +118,7 @@ class CacheManifest:
             image=dict(attrs["image"]),
             skipped=dict(attrs["skipped"]),
             ignored=dict(attrs.get("ignored", {"count": 0, "keys": []})),
+            source=attrs.get("source"),
             package_version=attrs["package_version"],
             complete=bool(attrs["complete"]),
             format=attrs["format"],

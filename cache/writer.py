@@ -145,10 +145,11 @@ class CacheWriter(StagedWriter):
 
     # ---- phase two: assembly --------------------------------------------------------------------
 
-    def finalize(self, ignored: Sequence[str] = ()) -> CacheManifest:
+    def finalize(self, ignored: Sequence[str] = (), source: str | None = None) -> CacheManifest:
         """Assemble the final arrays from every staged unit (rank 0 only); returns the manifest.
 
-        `ignored` names the source's files that were no inputs (not images), recorded in the manifest.
+        `ignored` names the source's files that were no inputs (not images); `source` is where the inputs
+        came from (the images' location), so later commands can find the images of a cached split.
         """
         self._require_all_staged("finish encoding them (rerun with the same arguments) before finalize")
 
@@ -191,7 +192,8 @@ class CacheWriter(StagedWriter):
         manifest = CacheManifest(**{**self.manifest.__dict__, "num_samples": stats.count, "complete": False,
                                     "skipped": {"count": len(skipped_keys), "keys": skipped_keys,
                                                 "reasons": skipped_reasons},
-                                    "ignored": {"count": len(ignored), "keys": list(ignored)}})
+                                    "ignored": {"count": len(ignored), "keys": list(ignored)},
+                                    "source": source})
         self._mark_complete(group, manifest.to_attrs())
         manifest.complete = True
         return manifest

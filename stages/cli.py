@@ -49,7 +49,7 @@ def _run_config(config: Optional[Path], overrides: Optional[list[str]], flags: d
     """The config of a command given a training run: what the run recorded (its data, caches, resolution)
     takes the place of the built-in defaults, under the YAML preset, --set and the flags."""
     from revq_pipe.stages.console import log
-    from revq_pipe.stages.run_dir import CONFIG_NAME, recorded_config
+    from revq_pipe.stages.run_dir import CONFIG_NAME, images_of_cache, recorded_config
 
     cfg = _config(config, overrides, flags)
     recorded = recorded_config(cfg.train.run) if cfg.train.run else None
@@ -57,7 +57,14 @@ def _run_config(config: Optional[Path], overrides: Optional[list[str]], flags: d
         return cfg
     log(f"using the settings recorded in {Path(cfg.train.run) / CONFIG_NAME} (data, caches), under any --config, "
         "--set and flags given")
-    return load_config(config, [*(overrides or []), f"train.run={cfg.train.run}"], flags, base=recorded)
+    cfg = load_config(config, [*(overrides or []), f"train.run={cfg.train.run}"], flags, base=recorded)
+    for split in ("train", "val"):  # a split's images are where its cache was encoded from, unless named now
+        key = f"{split}_images"
+        if getattr(cfg.data, key) == getattr(recorded.data, key):
+            images = images_of_cache(getattr(cfg.data, f"{split}_cache"), cfg.storage_options())
+            if images:
+                setattr(cfg.data, key, images)
+    return cfg
 
 
 def _split_paths(split: str) -> tuple[str, str]:
@@ -346,7 +353,8 @@ def cache_import(
 
 @demo_app.command("images")
 def demo_images(
-    out: Optional[str] = typer.Option(None, help="Folder for the demo images (default ROOT/demo/images)."),
+    out: Optional[str] = typer.Option(None, metavar="DIR",
+                                      help="Folder for the demo images [default: ROOT/demo/images]."),
     config: Optional[Path] = ConfigOption,
     set_: Optional[list[str]] = SetOption,
 ) -> None:

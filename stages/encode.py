@@ -83,7 +83,7 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
         ctx.barrier()
 
         # ---- finish: assemble the store on rank 0 ---------------------------------------------
-        manifest = run_on_main(ctx, lambda: writer.finalize(ignored=dataset.ignored), share=True)
+        manifest = run_on_main(ctx, lambda: writer.finalize(ignored=dataset.ignored, source=str(images)), share=True)
         log(f"wrote {manifest.num_samples} latents {tuple(manifest.latent_shape)} {manifest.latent_dtype} to {out}")
         skipped = list(zip(manifest.skipped["keys"], manifest.skipped["reasons"]))
         if skipped:

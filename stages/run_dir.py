@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import yaml
 
+from revq_pipe.cache.reader import LatentCache
+from revq_pipe.cache.schema import CacheError
 from revq_pipe.pipeline.files import atomic_path, atomic_write_text
 from revq_pipe.pipeline.tokenizer import WEIGHTS_NAME, RevqTokenizer
 from revq_pipe.pipeline.vae import FrozenVAE
@@ -145,6 +147,15 @@ def recorded_config(run: str | Path) -> RevqConfig | None:
     if not path.is_file():
         return None
     return config_from_dict(yaml.safe_load(path.read_text()) or {}, origin=str(path))
+
+
+def images_of_cache(location: str, options: dict[str, Any] | None = None) -> str | None:
+    """The images a complete latent cache was encoded from (its manifest's `source`), or None."""
+    try:
+        manifest = LatentCache.open(location, options=options).manifest
+    except CacheError:  # no cache there (yet), or an unfinished one: nothing to take from it
+        return None
+    return manifest.source
 
 
 def load_tokenizer(run: str | Path, device: torch.device, vae: Any = None) -> RevqTokenizer:

@@ -191,6 +191,6 @@ def test_files_that_are_no_images_are_counted_in_the_manifest(data, tmp_path):
     with one_thread():
         manifest = run_encode(config(data["vae"]), split="train", images=str(images), out=str(tmp_path / "c.zarr"),
                               overwrite=False)
-    assert manifest.ignored == {"count": 1, "keys": ["cat/README.txt"]}
+    assert manifest.ignored == {"count": 1, "keys": ["cat/README.txt"]} and manifest.source == str(images)
     assert "cat/c00.gif" in LatentCache.open(tmp_path / "c.zarr").keys()
     assert LatentCache.open(tmp_path / "c.zarr").manifest.ignored["count"] == 1

@@ -182,8 +182,9 @@ def test_refuses_incomplete_cache(caches, tmp_path):
 def test_refuses_caches_of_different_vaes(caches, tmp_path):
     other = make_cache(tmp_path, "val", structured_latents(64, 1),
                        vae_identity={"source": "other/vae", "class": "AutoencoderDC", "weights_sha256": "0" * 64})
-    with pytest.raises(CacheError, match="VAE"):
+    with pytest.raises(CacheError, match=r"VAE mismatch.*imported without naming its VAE.*--vae"):
         run_train(tiny_config((caches[0], other), tmp_path / "run"))
+    assert not (tmp_path / "run" / "config.yaml").exists(), "a refused start writes nothing"
 
 
 def test_refuses_token_count_that_does_not_tile_the_latent(caches, tmp_path):
