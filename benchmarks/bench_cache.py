@@ -20,7 +20,7 @@ in this process, so the figures are the HTTP + S3 protocol cost without a networ
 from __future__ import annotations
 
 import argparse
-import logging
+import sys
 import os
 import shutil
 import tempfile
@@ -36,6 +36,8 @@ from revq_pipe.cache import storage
 from revq_pipe.cache.reader import LatentCache
 from revq_pipe.cache.schema import LATENT_CODEC, latent_compressors
 from revq_pipe.cache.writer import CacheWriter
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' S3 server
 
 CODECS = {
     "none": [],
@@ -101,28 +103,17 @@ def write_store(location, data32: np.ndarray) -> float:
 def object_storage_section(root: Path, data32: np.ndarray) -> None:
     """Encode-store writes and whole-split reads: local moto S3 server vs local disk, side by side."""
     try:
-        import s3fs  # noqa: F401
-        from moto.server import ThreadedMotoServer
+        from s3_server import S3TestServer  # tests/s3_server.py: the tests' S3 server
     except ImportError as err:
         print(f"\nobject storage: skipped ({err}; install moto[server] and s3fs)")
         return
-    import urllib.request
-    import uuid
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                                            "AWS_ENDPOINT_URL", "AWS_PROFILE")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+    server = S3TestServer()
+    endpoint = server.endpoint_url
+    saved = {k: os.environ.get(k) for k in (*server.env(), "AWS_PROFILE")}
+    os.environ.update(server.env())
     os.environ.pop("AWS_PROFILE", None)
     try:
-        bucket = f"bench-{uuid.uuid4().hex[:12]}"
-        with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"), timeout=10):
-            pass
+        bucket = server.create_bucket()
         n = len(data32)
         places = {"local disk": root / "s3cmp_local.zarr", f"S3 ({endpoint})": f"s3://{bucket}/bench/train.zarr"}
         print(f"\n{'object storage vs local disk':34} {'write MB/s':>10} {'write smp/s':>11} "

@@ -13,6 +13,7 @@ each image takes in the pipeline than in the forward pass alone.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the tests' tiny VAE and S3 server helpers
 
 from revq_pipe.pipeline.images import decode_image, preprocess  # noqa: E402
 from revq_pipe.pipeline.vae import FrozenVAE  # noqa: E402
@@ -47,11 +49,34 @@ def default_vae(scratch: Path) -> str:
     demo = REPO / "demo" / "vae"
     if (demo / "config.json").is_file():
         return str(demo)
-    sys.path.insert(0, str(REPO / "tests"))
     from helpers_vae import make_tiny_vae
 
     print("demo/vae not found: using a tiny random AutoencoderDC (numbers then measure mostly the overhead)")
     return str(make_tiny_vae(scratch))
+
+
+def encode_to_local_s3(cfg, images: str) -> float | None:
+    """Seconds of the same run_encode into s3:// on a moto server on 127.0.0.1 (None without moto)."""
+    try:
+        from s3_server import S3TestServer  # tests/s3_server.py: the tests' S3 server
+    except ImportError as err:
+        print(f"encode to S3: skipped ({err}; install moto[server] and s3fs)")
+        return None
+    server = S3TestServer()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        url = f"s3://{server.create_bucket()}/bench.zarr"
+        start = time.perf_counter()
+        run_encode(cfg, split="bench", images=images, out=url, overwrite=False)
+        return time.perf_counter() - start
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
 
 
 def time_forward(vae: FrozenVAE, images: torch.Tensor, batches: list[range], repeats: int) -> float:
@@ -85,6 +110,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=2, help="passes of the forward-only timing (best is kept)")
+    parser.add_argument("--no-s3", action="store_true", help="skip the encode to a local S3 server")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_encode_") as scratch:
@@ -104,6 +130,7 @@ def main() -> None:
         start = time.perf_counter()
         manifest = run_encode(cfg, split="bench", images=images, out=str(scratch / "bench.zarr"), overwrite=False)
         pipeline_s = time.perf_counter() - start
+        s3_s = None if args.no_s3 else encode_to_local_s3(cfg, images)
 
         # the VAE alone on the same images, pre-decoded, in the same unit-aligned batches
         dataset = open_image_dataset(images)
@@ -129,6 +156,8 @@ def main() -> None:
     print(f"{'':34}{'images/s':>12}{'seconds':>10}")
     print(f"{'VAE forward only (pre-decoded)':34}{n / forward_s:12,.1f}{forward_s:10.2f}")
     print(f"{'full pipeline (run_encode)':34}{n / pipeline_s:12,.1f}{pipeline_s:10.2f}")
+    if s3_s is not None:
+        print(f"{'full pipeline to S3 (local moto)':34}{n / s3_s:12,.1f}{s3_s:10.2f}")
     print(f"pipeline overhead: {100 * (pipeline_s - forward_s) / forward_s:+.1f}% time per image "
           "over the forward pass alone")
 
