@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import os
 import shutil
 import tempfile
 import time
@@ -109,36 +108,29 @@ def object_storage_section(root: Path, data32: np.ndarray) -> None:
         return
     server = S3TestServer()
     endpoint = server.endpoint_url
-    saved = {k: os.environ.get(k) for k in (*server.env(), "AWS_PROFILE")}
-    os.environ.update(server.env())
-    os.environ.pop("AWS_PROFILE", None)
     try:
-        bucket = server.create_bucket()
-        n = len(data32)
-        places = {"local disk": root / "s3cmp_local.zarr", f"S3 ({endpoint})": f"s3://{bucket}/bench/train.zarr"}
-        print(f"\n{'object storage vs local disk':34} {'write MB/s':>10} {'write smp/s':>11} "
-              f"{'read MB/s':>10} {'read smp/s':>11} {'stored MB':>9}")
-        for name, location in places.items():
-            write_s = write_store(location, data32)
-            cache = LatentCache.open(location)
-            read_s = timed(lambda: cache.load_latents(), repeats=2)
-            fs, key = storage.filesystem(location)
-            stored = sum(i["size"] for i in fs.find(key, detail=True).values())
-            mb = cache.nbytes / 1e6  # float16 latents as loaded (the work both sides do)
-            print(f"{name:34} {mb / write_s:10.1f} {n / write_s:11,.0f} {mb / read_s:10.1f} {n / read_s:11,.0f} "
-                  f"{stored / 1e6:9.2f}")
-        remote = LatentCache.open(places[f"S3 ({endpoint})"])
-        one_s = timed(lambda: remote.load_latents(threads=1), repeats=2)
-        print(f"{'S3 read, one block at a time':34} {'':>10} {'':>11} {remote.nbytes / 1e6 / one_s:10.1f} "
-              f"{n / one_s:11,.0f}")
-        print("(write = CacheWriter stage + finalize, float16, 256-row chunks; read = LatentCache.load_latents "
-              "of the whole split, MB of float16 latents per second)")
+        with server.environment():
+            bucket = server.create_bucket()
+            n = len(data32)
+            places = {"local disk": root / "s3cmp_local.zarr", f"S3 ({endpoint})": f"s3://{bucket}/bench/train.zarr"}
+            print(f"\n{'object storage vs local disk':34} {'write MB/s':>10} {'write smp/s':>11} "
+                  f"{'read MB/s':>10} {'read smp/s':>11} {'stored MB':>9}")
+            for name, location in places.items():
+                write_s = write_store(location, data32)
+                cache = LatentCache.open(location)
+                read_s = timed(lambda: cache.load_latents(), repeats=2)
+                fs, key = storage.filesystem(location)
+                stored = sum(i["size"] for i in fs.find(key, detail=True).values())
+                mb = cache.nbytes / 1e6  # float16 latents as loaded (the work both sides do)
+                print(f"{name:34} {mb / write_s:10.1f} {n / write_s:11,.0f} {mb / read_s:10.1f} {n / read_s:11,.0f} "
+                      f"{stored / 1e6:9.2f}")
+            remote = LatentCache.open(places[f"S3 ({endpoint})"])
+            one_s = timed(lambda: remote.load_latents(threads=1), repeats=2)
+            print(f"{'S3 read, one block at a time':34} {'':>10} {'':>11} {remote.nbytes / 1e6 / one_s:10.1f} "
+                  f"{n / one_s:11,.0f}")
+            print("(write = CacheWriter stage + finalize, float16, 256-row chunks; read = LatentCache.load_latents "
+                  "of the whole split, MB of float16 latents per second)")
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
 
 

@@ -13,7 +13,6 @@ each image takes in the pipeline than in the forward pass alone.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -63,19 +62,13 @@ def encode_to_local_s3(cfg, images: str) -> float | None:
         print(f"encode to S3: skipped ({err}; install moto[server] and s3fs)")
         return None
     server = S3TestServer()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
     try:
-        url = f"s3://{server.create_bucket()}/bench.zarr"
-        start = time.perf_counter()
-        run_encode(cfg, split="bench", images=images, out=url, overwrite=False)
-        return time.perf_counter() - start
+        with server.environment():
+            url = f"s3://{server.create_bucket()}/bench.zarr"
+            start = time.perf_counter()
+            run_encode(cfg, split="bench", images=images, out=url, overwrite=False)
+            return time.perf_counter() - start
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()
 
 

@@ -8,9 +8,12 @@ would to AWS, MinIO or R2.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import urllib.request
 import uuid
+from typing import Iterator
 
 from moto.server import ThreadedMotoServer
 
@@ -35,6 +38,22 @@ class S3TestServer:
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.endpoint_url = f"http://{host}:{port}"
+
+    @contextlib.contextmanager
+    def environment(self) -> Iterator[None]:
+        """Point this process's S3 clients at the server for the duration (benchmarks; tests use monkeypatch)."""
+        saved = {key: os.environ.get(key) for key in (*self.env(), *CLEARED_ENV)}
+        for key in CLEARED_ENV:
+            os.environ.pop(key, None)
+        os.environ.update(self.env())
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def env(self) -> dict[str, str]:
         """Environment variables that send boto/s3fs clients (also in subprocesses) to this server."""

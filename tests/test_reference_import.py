@@ -335,8 +335,10 @@ def test_output_folder_rules(tmp_path):
 # --- round trip through the pipeline -----------------------------------------------------------
 
 
-def test_round_trip_through_eval_tokenize_and_the_python_api(tmp_path):
-    """A reference-format checkpoint of the tiny VAE's (4, 4, 4) latents, imported with --vae."""
+def import_tiny_reference(tmp_path: Path):
+    """A reference-format checkpoint of the tiny VAE's (4, 4, 4) latents, imported with --vae into tmp/imported.
+
+    Returns (setup, cache, geometry, reference, out)."""
     setup = make_eval_setup(tmp_path / "setup")
     cache = LatentCache.open(setup.cache)
     geometry = Geometry(shape=cache.latent_shape, tokens=16, codes=8, width=16, depth=1, head_dim=8)
@@ -345,6 +347,11 @@ def test_round_trip_through_eval_tokenize_and_the_python_api(tmp_path):
     result = runner.invoke(app, ["import-reference", str(reference.folder), "--out", str(out),
                                  "--vae", str(setup.vae)])
     assert result.exit_code == 0, result.output
+    return setup, cache, geometry, reference, out
+
+
+def test_round_trip_through_eval_tokenize_and_the_python_api(tmp_path):
+    setup, cache, geometry, reference, out = import_tiny_reference(tmp_path)
     tokenizer = RevqTokenizer.from_pretrained(out / "tokenizer", device="cpu")
     vae = FrozenVAE.load(str(setup.vae), device="cpu")
     assert tokenizer.vae_identity == vae.identity and tokenizer.image_recipe == recipe(RESOLUTION)
@@ -382,13 +389,7 @@ def test_round_trip_through_eval_tokenize_and_the_python_api(tmp_path):
 
 def test_fine_tuning_from_an_imported_tokenizer_starts_no_worse(tmp_path):
     """train --init-from an imported tokenizer: the first epoch validates no worse than the import itself."""
-    setup = make_eval_setup(tmp_path / "setup")
-    cache = LatentCache.open(setup.cache)
-    geometry = Geometry(shape=cache.latent_shape, tokens=16, codes=8, width=16, depth=1, head_dim=8)
-    reference = write_reference(tmp_path / "published", geometry, mean=cache.mean, std=cache.std)
-    out = tmp_path / "imported"
-    assert runner.invoke(app, ["import-reference", str(reference.folder), "--out", str(out),
-                               "--vae", str(setup.vae)]).exit_code == 0
+    setup, _, _, _, out = import_tiny_reference(tmp_path)
     settings = [f"data.train_cache={setup.cache}", f"data.val_cache={setup.cache}", "train.device=cpu",
                 "quantizer.num_tokens=16", "quantizer.codebook_size=8", "rectifier.width=16", "rectifier.depth=1",
                 "rectifier.head_dim=8", "rectifier.residual=false", "train.batch_size=4", "train.epochs=1"]
