@@ -93,3 +93,10 @@ def test_a_run_given_to_eval_supplies_its_own_data(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert (setup.run / "eval_val_latents.json").is_file()
     assert json.loads((setup.run / "eval_val_first3.json").read_text()) == report
+
+
+def test_help_does_not_import_torch():
+    """`revq-pipe --help` stays fast (~0.3 s): the CLI and config load no torch, diffusers or stage."""
+    script = "import sys, revq_pipe.stages.cli; print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
