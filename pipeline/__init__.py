@@ -7,7 +7,7 @@ does not pull in torch and diffusers.
 
 from __future__ import annotations
 
-import importlib
+from revq_pipe.pipeline.lazy import lazy_attributes
 
 _EXPORTS = {
     "RevqTokenizer": "tokenizer",
@@ -21,7 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"revq_pipe.pipeline.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_attributes("revq_pipe.pipeline", _EXPORTS)
