@@ -1,6 +1,5 @@
 """Stage one end to end: images -> latent cache, multi-process equality, kill and resume, errors."""
 
-import contextlib
 import io
 import shutil
 import os
@@ -21,6 +20,7 @@ from revq_pipe.pipeline.images import decode_image, preprocess
 from revq_pipe.pipeline.vae import FrozenVAE
 from revq_pipe.stages.config import load_config
 from revq_pipe.stages.encode import run_encode
+from tests.helpers_processes import one_thread, run_ranks
 from tests.helpers_vae import make_tiny_vae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,13 +55,10 @@ def config(vae, **encode):
     return load_config(None, [], flags)
 
 
-def driver(data, out, *extra, nproc=1):
-    """Command line of the driver: plain Python, or torchrun with nproc CPU processes."""
-    launch = [sys.executable]
-    if nproc > 1:
-        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return launch + [str(DRIVER), "--images", str(data["images"]), "--vae", str(data["vae"]), "--out", str(out),
-                     *extra]
+def driver(data, out, *extra):
+    """Command line of the driver (run_ranks starts it as several ranks)."""
+    return [sys.executable, str(DRIVER), "--images", str(data["images"]), "--vae", str(data["vae"]), "--out", str(out),
+            *extra]
 
 
 def env():
@@ -128,17 +125,6 @@ def test_wrong_paths_and_empty_dataset(data, tmp_path):
                    out=str(tmp_path / "a.zarr"), overwrite=False)
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Run in-process work with the thread count the driver processes use (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def encode_in_process(data, out, overwrite=False):
     with one_thread():
         return run_encode(config(data["vae"]), split="train", images=str(data["images"]), out=str(out),
@@ -156,8 +142,7 @@ def reference_store(data):
 @pytest.mark.slow
 def test_two_processes_write_the_same_bytes(data, reference_store, tmp_path):
     out = tmp_path / "two.zarr"
-    result = subprocess.run(driver(data, out, "--workers", "1", nproc=2), env=env(), capture_output=True,
-                            text=True, timeout=180)
+    result = run_ranks(driver(data, out, "--workers", "1"), env(), timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert store_files(out) == store_files(reference_store)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from PIL import Image
 
 from helpers_eval import (CODEBOOK_SIZE, NUM_GOOD_IMAGES, NUM_TOKENS, RESOLUTION, StandInInception, StandInLPIPS,
                           make_config, make_eval_setup)
+from helpers_processes import Ranks
 from helpers_vae import make_tiny_vae
 from revq_pipe.pipeline.metrics import frechet_distance
 from revq_pipe.pipeline.tokenizer import RevqTokenizer
@@ -122,20 +122,19 @@ def test_limit_and_a_foreign_vae_are_handled(setup, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_through_the_cli_match_one(setup):
-    """`torchrun -m stages.cli eval` with 2 gloo ranks gives the report of a single process."""
-    # train.run via --set: torchrun's own parser would take "--run" for its "--run-path"
+    """`revq-pipe eval` as 2 gloo ranks gives the report of a single process."""
     settings = ["vae.device=cpu", f"data.resolution={RESOLUTION}", "encode.num_workers=0", "eval.batch_size=4",
-                f"paths.root={setup.run.parent / 'artifacts'}", f"train.run={setup.run}"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "revq_pipe.stages.cli", "eval", "--split", "two", "--images", str(setup.images),
-               "--vae", str(setup.vae)] + [arg for s in settings for arg in ("--set", s)]
+                f"paths.root={setup.run.parent / 'artifacts'}"]
+    command = [sys.executable, "-m", "revq_pipe.stages.cli", "eval", "--run", str(setup.run), "--split", "two",
+               "--images", str(setup.images), "--vae", str(setup.vae)] + [arg for s in settings for arg in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    two = json.loads((setup.run / "eval_two.json").read_text())
+    ranks = Ranks(command, env)
     cfg = make_config(setup.run.parent, setup.vae, setup.images, **{"eval.batch_size": 4})
     one = run_evaluate(cfg, run=str(setup.run), split="one", images=str(setup.images), from_cache=False)
+    result = ranks.finish()
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = json.loads((setup.run / "eval_two.json").read_text())
     assert two["num_images"] == one["num_images"] == NUM_GOOD_IMAGES
     assert two["protocol"]["skipped"]["keys"] == one["protocol"]["skipped"]["keys"]
     for key in ("psnr", "psnr_y", "ssim", "latent_mse", "latent_mse_quantized", "codebook_usage", "perplexity"):

@@ -1,7 +1,7 @@
 """Stage one and two against object storage: a real S3-compatible HTTP server (moto) on 127.0.0.1.
 
 Each test gets a fresh bucket (the `s3_bucket` fixture, tests/conftest.py) with AWS_* pointed at the
-server, also for subprocesses (a killed encode, torchrun ranks).
+server, also for subprocesses (a killed encode, two ranks).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from revq_pipe.cache.staging import staged_unit_ids
 from revq_pipe.stages.config import load_config
 from revq_pipe.stages.encode import run_encode
 from revq_pipe.stages.train import run_train
-from tests.test_encode import config, data, driver, encode_in_process, env, one_thread, store_files  # noqa: F401
+from tests.helpers_processes import one_thread, run_ranks
+from tests.test_encode import config, data, driver, encode_in_process, env, store_files  # noqa: F401
 from tests.test_train import TINY, make_cache, structured_latents
 
 
@@ -117,10 +118,9 @@ def test_kill_and_resume_on_s3_matches_an_uninterrupted_run(data, reference_stor
 
 
 @pytest.mark.slow
-def test_two_torchrun_ranks_write_one_s3_store_like_one_rank(data, reference_store, s3_bucket):  # noqa: F811
+def test_two_ranks_write_one_s3_store_like_one_rank(data, reference_store, s3_bucket):  # noqa: F811
     url = f"{s3_bucket}/two.zarr"
-    result = subprocess.run(driver(data, url, "--workers", "1", nproc=2), env=env(), capture_output=True,
-                            text=True, timeout=180)
+    result = run_ranks(driver(data, url, "--workers", "1"), env(), timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     assert object_files(url) == store_files(reference_store)
 

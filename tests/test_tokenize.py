@@ -128,19 +128,21 @@ def test_token_writer_checks_its_inputs(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_through_the_cli_write_the_same_ids(setup, tmp_path):
-    single = run_tokenize(setup.cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
-                          out=str(tmp_path / "one.zarr"), overwrite=False)
+    # the real torchrun launcher here (the other multi-process tests start their ranks directly)
     # small units so both ranks get work; train.run via --set (torchrun would take "--run" for "--run-path")
-    settings = [f"vae.source={setup.vae}", "vae.device=cpu", f"data.resolution={RESOLUTION}", "encode.num_workers=0", "encode.chunk_size=4",
-                "tokenize.batch_size=16", f"train.run={setup.run}", f"paths.root={tmp_path}"]
+    settings = [f"vae.source={setup.vae}", "vae.device=cpu", f"data.resolution={RESOLUTION}", "encode.num_workers=0",
+                "encode.chunk_size=4", "tokenize.batch_size=16", f"train.run={setup.run}", f"paths.root={tmp_path}"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "revq_pipe.stages.cli", "tokenize", "--split", "val", "--images", str(setup.images),
                "--out", str(tmp_path / "two.zarr")]
     command += [arg for s in settings for arg in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    single = run_tokenize(setup.cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                          out=str(tmp_path / "one.zarr"), overwrite=False)  # while the ranks start
+    _, stderr = torchrun.communicate(timeout=240)
+    assert torchrun.returncode == 0, stderr[-3000:]
     two = TokenStore.open(tmp_path / "two.zarr")
     assert two.keys() == TokenStore.open(single).keys()
     assert np.array_equal(two.ids(), TokenStore.open(single).ids())

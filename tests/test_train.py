@@ -22,6 +22,7 @@ from revq_pipe.pipeline.tokenizer import RevqTokenizer
 from revq_pipe.stages.config import load_config
 from revq_pipe.stages.train import run_train
 from revq_pipe.stages.train_loop import NonFiniteLossError
+from tests.helpers_processes import one_thread, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "_train_driver.py"
@@ -74,11 +75,21 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def drive(args: list[str], torchrun: bool = False) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, str(DRIVER), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=240)
+DRIVER_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # one thread: same bytes side by side
+
+
+def launch(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(DRIVER), *args], cwd=REPO, env=DRIVER_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    stdout, stderr = process.communicate(timeout=240)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def drive(args: list[str]) -> subprocess.CompletedProcess:
+    return finish(launch(args))
 
 
 # --- end to end -----------------------------------------------------------------------------
@@ -132,15 +143,17 @@ def test_training_streamed_from_zarr(caches, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_mid_epoch_is_exact(caches, tmp_path):
+def test_resume_after_kill_mid_epoch_is_exact(caches, tmp_path, capsys):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    assert drive(["--set=" + s for s in tiny_overrides(caches, straight)]).returncode == 0
+    # the uninterrupted run and the one that is killed run side by side (independent processes)
+    uninterrupted = launch(["--set=" + s for s in tiny_overrides(caches, straight)])
     killed = drive(["--set=" + s for s in tiny_overrides(caches, crashed)] + ["--kill-at", "3:5"])
     assert killed.returncode == -9, killed.stderr
+    assert finish(uninterrupted).returncode == 0
     assert torch.load(crashed / "checkpoint.pt", weights_only=True)["epoch"] == 2
-    resumed = drive(["--set=" + s for s in tiny_overrides(caches, crashed)])
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stderr
+    with one_thread():  # the resumed run here, with the drivers' kernels
+        run_train(tiny_config(caches, crashed))
+    assert "resuming" in capsys.readouterr().err
 
     drop = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]  # noqa: E731
     assert drop(read_metrics(crashed)) == drop(read_metrics(straight))
@@ -155,8 +168,8 @@ def test_ddp_two_ranks_keep_replicas_identical(caches, tmp_path):
     # more codes than latents: the repeated codes start dead, so the reset has work on both ranks
     overrides = tiny_overrides(caches, run, "train.batch_size=16", "quantizer.codebook_size=300",
                                "train.allow_small_cache=true")
-    done = drive(["--set=" + s for s in overrides]
-                 + ["--checksums", str(sums)], torchrun=True)
+    done = run_ranks([sys.executable, str(DRIVER), *("--set=" + s for s in overrides), "--checksums", str(sums)],
+                     DRIVER_ENV, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0 = (sums / "rank0.jsonl").read_text().splitlines()
     rank1 = (sums / "rank1.jsonl").read_text().splitlines()
@@ -257,18 +270,19 @@ def test_init_from_a_tokenizer_starts_where_it_ended_and_refuses_another_geometr
 
 
 def test_the_rectifier_never_makes_a_validation_epoch_worse(tmp_path):
-    """Issue 11: on low-rank-plus-noise latents at small d (T=512, d=4, K=1,024, rectifier 128x2, batch 256,
-    the paper's learning rates), the rectified validation MSE is at most the quantized one after every
-    epoch. Without the rectifier's warm-up (train.rectifier_warmup_steps=0) this very run gave rectified >
-    quantized after both epochs (0.057667 > 0.057649, 0.057620 > 0.057618); with it 0.057487 and 0.057428."""
+    """Issue 11: on low-rank-plus-noise latents at small d (T=512, d=4, K=512, rectifier 128x1, batch 128, the
+    paper's learning rates), the rectified validation MSE is at most the quantized one after every epoch.
+    Without the rectifier's warm-up (train.rectifier_warmup_steps=0) this very run gives rectified > quantized
+    after both epochs (0.077874 > 0.077725, 0.077735 > 0.077684); with it 0.077180 and 0.077050. (The issue's
+    own setting, K=1,024, 128x2, batch 256 on 2,048 latents, behaves the same way at 3.5x the time: README.)"""
     shape = (32, 8, 8)
     rng, basis = np.random.default_rng(0), np.random.default_rng(123).normal(size=(8, 2048))
     caches = []
-    for split, n in (("train", 2048), ("val", 512)):
+    for split, n in (("train", 1024), ("val", 256)):
         latents = rng.normal(size=(n, 8)) @ basis / np.sqrt(8) + 0.3 * rng.normal(size=(n, 2048))
         caches.append(make_cache(tmp_path, split, latents.reshape(n, *shape).astype(np.float32)))
-    cfg = load_config(None, ["quantizer.num_tokens=512", "quantizer.codebook_size=1024", "rectifier.width=128",
-                             "rectifier.depth=2", "train.batch_size=256", "train.epochs=2", "train.device=cpu",
+    cfg = load_config(None, ["quantizer.num_tokens=512", "quantizer.codebook_size=512", "rectifier.width=128",
+                             "rectifier.depth=1", "train.batch_size=128", "train.epochs=2", "train.device=cpu",
                              f"data.train_cache={caches[0]}", f"data.val_cache={caches[1]}",
                              f"train.run={tmp_path / 'run'}"], {})
     metrics = read_metrics(run_train(cfg))
