@@ -21,7 +21,7 @@ from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
 from revq_pipe.pipeline.tokenizer import RevqTokenizer
 from revq_pipe.stages.config import load_config
 from revq_pipe.stages.train import run_train
-from revq_pipe.stages.train_loop import NonFiniteLossError
+from revq_pipe.stages.train_loop import LrSchedule, NonFiniteLossError
 from tests.helpers_processes import one_thread, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +177,32 @@ def test_ddp_two_ranks_keep_replicas_identical(caches, tmp_path):
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [8, 16, 24]  # 256 latents / 2 ranks / batch 16
     assert metrics[0]["codes_reset"] > 0, "the reset must run (and stay identical on both ranks)"
+
+
+# --- the learning-rate schedule -------------------------------------------------------------
+
+
+def test_schedule_decays_per_epoch_and_ramps_only_the_rectifier():
+    schedule = LrSchedule(codebook_lr=1e-2, rectifier_lr=5e-4, schedule_epochs=3, final_fraction=0.04,
+                          rectifier_warmup_steps=4)
+    first_steps = [schedule.rates(0, step) for step in range(5)]
+    assert [codebook for codebook, _ in first_steps] == pytest.approx([1e-2] * 5)  # the codebooks never ramp
+    assert [rectifier for _, rectifier in first_steps] == pytest.approx([5e-4 * f for f in (0.25, 0.5, 0.75, 1, 1)])
+    assert schedule.rates(1, 10) == pytest.approx((1e-2 * 0.2, 5e-4 * 0.2))  # 0.04 ** (1/2)
+    assert schedule.rates(2, 20) == pytest.approx((1e-2 * 0.04, 5e-4 * 0.04))
+    assert schedule.rates(3, 30) == pytest.approx((1e-2 * 0.04 * 0.2, 5e-4 * 0.04 * 0.2))  # an extended run
+    plain = LrSchedule(codebook_lr=1e-2, rectifier_lr=5e-4, schedule_epochs=1, final_fraction=0.04)
+    assert plain.rates(0, 0) == (1e-2, 5e-4)
+
+
+def test_warm_up_lasts_at_most_one_epoch_and_never_touches_the_plain_reference_form(caches, tmp_path):
+    def rectifier_rates(run, *extra):
+        settings = ("train.epochs=2", "train.rectifier_warmup_steps=100", *extra)
+        return [m["rectifier_lr"] for m in read_metrics(run_train(tiny_config(caches, tmp_path / run, *settings)))]
+
+    # 256 latents / batch 32 = 8 steps per epoch; a record holds the rate of its epoch's first step
+    assert rectifier_rates("residual") == pytest.approx([5e-4 / 8, 5e-4 * 0.05])
+    assert rectifier_rates("plain", "rectifier.residual=false") == pytest.approx([5e-4, 5e-4 * 0.05])
 
 
 # --- refusals -------------------------------------------------------------------------------
