@@ -13,6 +13,10 @@
   Samples without an image member (e.g. metadata only) are not inputs; they are listed in `ignored`,
   like the non-image files of a folder, and stages report how many there were.
 
+The same forms work on object storage (s3://, gs://, ... with their fsspec backend): a URL prefix
+holding .tar objects, a .tar URL, a glob or a brace pattern are shards; any other prefix is read as an
+ImageFolder tree or a flat folder (one listing of the prefix, one GET per image).
+
 Every rank and DataLoader worker reads arbitrary indices, so tar shards are indexed once
 (member offsets via `tarfile`) and `read_bytes(i)` seeks straight to the member.
 """
@@ -64,15 +68,15 @@ class ImageDataset:
 
 
 class FolderImageDataset(ImageDataset):
-    """Image files below a root folder."""
+    """Image files below a root folder or URL prefix."""
 
-    def __init__(self, root: Path, relative_paths: list[str], labels: np.ndarray, classes: list[str] | None,
-                 ignored: list[str] | None = None):
-        super().__init__(str(root), relative_paths, labels, classes, ignored)
-        self.root = root
+    def __init__(self, root: str, relative_paths: list[str], labels: np.ndarray, classes: list[str] | None,
+                 ignored: list[str] | None = None, options: dict[str, Any] | None = None):
+        super().__init__(root, relative_paths, labels, classes, ignored)
+        self.options = options  # fsspec storage options when the root is a URL
 
     def read_bytes(self, i: int) -> bytes:
-        return (self.root / self._keys[i]).read_bytes()
+        return storage.read_bytes(storage.join(self.source, self._keys[i]), self.options)
 
 
 class TarImageDataset(ImageDataset):
@@ -98,12 +102,15 @@ class TarImageDataset(ImageDataset):
 def open_image_dataset(path: str | os.PathLike, options: dict[str, Any] | None = None) -> ImageDataset:
     """Open an ImageFolder tree, a flat image folder, a .tar shard, a folder of shards, a glob or a brace pattern.
 
-    On object storage (a URL; `options` are its fsspec storage options) the source must be webdataset
-    shards: one .tar URL, a prefix holding .tar objects, a glob or a brace pattern.
+    A URL (`options` are its fsspec storage options) takes the same forms: a .tar URL, a glob or a brace
+    pattern are shards, a prefix holding .tar objects at its top level is a folder of shards, any other
+    prefix an image folder.
     """
     text = str(path)
     if storage.is_url(text):
-        return _open_tar_shards(text, _shard_urls(text, options), options)
+        if text.endswith(".tar") or any(c in text for c in "{*?["):
+            return _open_tar_shards(text, _shard_urls(text, options), options)
+        return _open_url_prefix(text, options)
     if "{" in text and "}" in text:
         shards = list(braceexpand(text))
         missing = [s for s in shards if not Path(s).is_file()]
@@ -141,15 +148,25 @@ def _shard_urls(url: str, options: dict[str, Any] | None) -> list[str]:
         return shards
     if any(c in url for c in "*?["):
         shards = sorted(f"{scheme}://{p}" for p in fs.glob(storage.filesystem(url, options)[1]))
-    elif url.endswith(".tar"):
-        shards = [url]
-    else:
-        shards = sorted(f"{scheme}://{p}" for p in fs.ls(storage.filesystem(url, options)[1], detail=False)
-                        if p.endswith(".tar"))
-    if not shards:
-        raise FileNotFoundError(f"no .tar shard at {url}; on object storage --images must name webdataset shards "
-                                "(a .tar URL, a prefix holding .tar objects, a glob or a brace pattern)")
-    return shards
+        if not shards:
+            raise FileNotFoundError(f"no object matches the pattern {url}; fix --images")
+        return shards
+    if not fs.exists(storage.filesystem(url, options)[1]):
+        raise FileNotFoundError(f"the shard {url} does not exist; fix --images")
+    return [url]
+
+
+def _open_url_prefix(url: str, options: dict[str, Any] | None) -> ImageDataset:
+    """A prefix: its top-level .tar objects as shards when it has any, else an image folder (one listing)."""
+    names = [n for n in storage.list_prefix(url, options) if not _is_hidden(n)]
+    if not names:
+        raise FileNotFoundError(f"nothing is stored under {url}; pass --images with an image folder, .tar shards, "
+                                "a glob or a brace pattern")
+    shards = [storage.join(url, n) for n in names if "/" not in n and n.endswith(".tar")]
+    if shards:
+        return _open_tar_shards(url, shards, options)
+    class_dirs = sorted({n.split("/", 1)[0] for n in names if "/" in n})
+    return _folder_dataset(url, names, class_dirs, options)
 
 
 def _open_shard(shard: str, options: dict[str, Any] | None):
@@ -167,36 +184,49 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(image_extensions())
 
 
+def _is_hidden(relative: str) -> bool:
+    """A file in or below a folder whose name starts with a dot (.git, .ipynb_checkpoints, .DS_Store)."""
+    return any(part.startswith(".") for part in relative.split("/"))
+
+
 def _open_image_folder(root: Path) -> FolderImageDataset:
+    """A local folder: every visible file below it (symlinked folders followed), and its visible subfolders."""
+    files = []
+    for directory, subdirs, names in os.walk(root, followlinks=True):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        rel_dir = Path(directory).relative_to(root).as_posix()
+        files += [name if rel_dir == "." else f"{rel_dir}/{name}" for name in names if not name.startswith(".")]
+    class_dirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return _folder_dataset(str(root), files, class_dirs)
+
+
+def _folder_dataset(root: str, files: list[str], class_dirs: list[str],
+                    options: dict[str, Any] | None = None) -> FolderImageDataset:
     """Class subfolders -> ImageFolder labels; no subfolders -> a flat folder with labels -1.
 
-    Every file Pillow can open counts (by extension); other files are listed in `ignored`, hidden
-    files and folders (names starting with a dot) are passed over silently.
+    `files`: every visible file below `root`, relative and "/"-separated; `class_dirs`: its visible
+    subfolders. Every file Pillow can open counts (by extension); other files are listed in `ignored`.
     """
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    loose = sorted(f for f in files if "/" not in f)
     top_level = [name for name in loose if _is_image(name)]
     ignored = [name for name in loose if not _is_image(name)]
-    if classes and top_level:
-        raise ValueError(f"{root} holds both image files ({top_level[0]}, ...) and class folders ({classes[0]}, ...); "
-                         "move the loose images into a class folder, or point --images at a folder of one kind")
-    if not classes:
+    if class_dirs and top_level:
+        raise ValueError(f"{root} holds both image files ({top_level[0]}, ...) and class folders "
+                         f"({class_dirs[0]}, ...); move the loose images into a class folder, or point --images "
+                         "at a folder of one kind")
+    if not class_dirs:
         paths, labels = top_level, [-1] * len(top_level)
     else:
-        entries = []
-        for label, name in enumerate(classes):
-            for directory, subdirs, files in os.walk(root / name, followlinks=True):
-                subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-                rel_dir = Path(directory).relative_to(root).as_posix()
-                visible = [f for f in files if not f.startswith(".")]
-                entries += [(f"{rel_dir}/{f}", label) for f in visible if _is_image(f)]
-                ignored += [f"{rel_dir}/{f}" for f in visible if not _is_image(f)]
-        entries.sort()
+        label_of = {name: label for label, name in enumerate(class_dirs)}
+        nested = sorted(f for f in files if "/" in f)
+        entries = [(f, label_of[f.split("/", 1)[0]]) for f in nested if _is_image(f)]
+        ignored += [f for f in nested if not _is_image(f)]
         paths, labels = [p for p, _ in entries], [label for _, label in entries]
     if not paths:
         raise ValueError(f"{root} holds no images Pillow can open ({len(ignored)} other files, e.g. "
                          f"{ignored[:3]}); point --images at an ImageFolder tree or .tar shards")
-    return FolderImageDataset(root, paths, np.asarray(labels, dtype=np.int64), classes or None, sorted(ignored))
+    return FolderImageDataset(root, paths, np.asarray(labels, dtype=np.int64), class_dirs or None, sorted(ignored),
+                              options)
 
 
 # --- tar shards -----------------------------------------------------------------------------

@@ -178,6 +178,35 @@ def test_encode_from_webdataset_shards_in_the_bucket(data, s3_bucket, tmp_path):
                        LatentCache.open(tmp_path / "l.zarr").load_latents())
 
 
+def test_encode_from_an_image_folder_in_the_bucket(data, reference_store, s3_bucket, tmp_path):  # noqa: F811
+    """An ImageFolder tree stored as objects reads and encodes like the same tree on disk: same keys, classes,
+    labels, skipped (unreadable) images and latents; non-images counted, hidden objects passed over."""
+    from revq_pipe.stages.datasets import open_image_dataset
+
+    tree, url = Path(data["images"]), f"{s3_bucket}/imagenet/train"
+    for path in sorted(p for p in tree.rglob("*") if p.is_file()):
+        storage.write_bytes_atomic(f"{url}/{path.relative_to(tree).as_posix()}", path.read_bytes())
+    storage.write_bytes_atomic(f"{url}/dog/notes.txt", b"not an image")
+    storage.write_bytes_atomic(f"{url}/.cache/x.png", b"hidden")
+    storage.write_bytes_atomic(f"{url}/cat/.DS_Store", b"hidden")
+    remote, local = open_image_dataset(url), open_image_dataset(tree)
+    assert [remote.key(i) for i in range(len(remote))] == [local.key(i) for i in range(len(local))]
+    assert [remote.label(i) for i in range(len(remote))] == [local.label(i) for i in range(len(local))]
+    assert remote.classes == local.classes == ["cat", "dog"] and remote.ignored == ["dog/notes.txt"]
+    assert remote.read_bytes(5) == local.read_bytes(5)
+
+    with one_thread():
+        manifest = run_encode(config(data["vae"], num_workers=2), split="train", images=f"{url}/",
+                              out=str(tmp_path / "r.zarr"), overwrite=False)
+    assert manifest.source == f"{url}/" and manifest.ignored == {"count": 1, "keys": ["dog/notes.txt"]}
+    encoded, reference = LatentCache.open(tmp_path / "r.zarr"), LatentCache.open(reference_store)
+    assert encoded.keys() == reference.keys() and np.array_equal(encoded.labels(), reference.labels())
+    assert encoded.manifest.skipped == reference.manifest.skipped
+    assert torch.equal(encoded.load_latents(), reference.load_latents())
+    with pytest.raises(FileNotFoundError, match="nothing is stored under"):
+        open_image_dataset(f"{s3_bucket}/imagenet/val")
+
+
 def test_storage_endpoint_setting_reaches_the_cache(data, s3_bucket, s3_server, tmp_path, monkeypatch):  # noqa: F811
     """--set storage.endpoint_url works without AWS_ENDPOINT_URL in the environment."""
     monkeypatch.delenv("AWS_ENDPOINT_URL")
