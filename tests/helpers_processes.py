@@ -40,8 +40,9 @@ class Ranks:
     """`command` started as ranks 0..nproc-1 of one job; `finish()` waits and returns what they did.
 
     Starting and finishing are separate so that a test can compute its single-process reference while the
-    ranks import torch. Output goes to files rather than pipes, so that a rank never blocks on a full pipe
-    while we wait on another.
+    ranks import torch; used as a context manager, ranks still running when the block ends (a failed
+    assertion) are killed. Output goes to files rather than pipes, so that a rank never blocks on a full
+    pipe while we wait on another.
     """
 
     def __init__(self, command: list[str], env: dict[str, str], nproc: int = 2, cwd=None) -> None:
@@ -52,6 +53,15 @@ class Ranks:
                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
                                   "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
             for r, (out, err) in enumerate(self.outputs)]
+
+    def __enter__(self) -> "Ranks":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
     def finish(self, timeout: float = 240) -> subprocess.CompletedProcess:
         """returncode: the first failing rank's, else 0. When a rank fails the others are killed (they would

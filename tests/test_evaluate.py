@@ -129,10 +129,10 @@ def test_two_processes_through_the_cli_match_one(setup):
                "--images", str(setup.images), "--vae", str(setup.vae)] + [arg for s in settings for arg in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    ranks = Ranks(command, env)
-    cfg = make_config(setup.run.parent, setup.vae, setup.images, **{"eval.batch_size": 4})
-    one = run_evaluate(cfg, run=str(setup.run), split="one", images=str(setup.images), from_cache=False)
-    result = ranks.finish()
+    with Ranks(command, env) as ranks:  # the single-process reference is computed while the ranks start
+        cfg = make_config(setup.run.parent, setup.vae, setup.images, **{"eval.batch_size": 4})
+        one = run_evaluate(cfg, run=str(setup.run), split="one", images=str(setup.images), from_cache=False)
+        result = ranks.finish()
     assert result.returncode == 0, result.stderr[-3000:]
     two = json.loads((setup.run / "eval_two.json").read_text())
     assert two["num_images"] == one["num_images"] == NUM_GOOD_IMAGES

@@ -138,10 +138,10 @@ def test_two_processes_through_the_cli_write_the_same_ids(setup, tmp_path):
     command += [arg for s in settings for arg in ("--set", s)]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    torchrun = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    single = run_tokenize(setup.cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
-                          out=str(tmp_path / "one.zarr"), overwrite=False)  # while the ranks start
-    _, stderr = torchrun.communicate(timeout=240)
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as torchrun:
+        single = run_tokenize(setup.cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                              out=str(tmp_path / "one.zarr"), overwrite=False)  # while the ranks start
+        _, stderr = torchrun.communicate(timeout=240)
     assert torchrun.returncode == 0, stderr[-3000:]
     two = TokenStore.open(tmp_path / "two.zarr")
     assert two.keys() == TokenStore.open(single).keys()
