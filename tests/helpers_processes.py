@@ -1,7 +1,7 @@
 """Helpers for tests that compare work done in other processes with work done in this one.
 
-`Ranks` / `run_ranks` start N ranks of a command the way torchrun does, without torchrun's launcher
-process: each rank gets the environment torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE,
+`Ranks` / `run_ranks` start N ranks (or one process: N=1) of a command the way torchrun does, without
+torchrun's launcher process: each rank gets the environment torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE,
 LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which is all `stages/distributed.py` reads. The launcher
 would cost every multi-process test one more torch import (about 2 s on 2 cores); one test
 (test_tokenize.py) still goes through the real `torchrun`.
@@ -58,10 +58,14 @@ class Ranks:
         return self
 
     def __exit__(self, *exc_info) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        """Kill the ranks still running and reap them all."""
         for process in self.processes:
             if process.poll() is None:
                 process.kill()
-                process.wait()
+            process.wait()
 
     def finish(self, timeout: float = 240) -> subprocess.CompletedProcess:
         """returncode: the first failing rank's, else 0. When a rank fails the others are killed (they would
@@ -75,10 +79,7 @@ class Ranks:
                     break
                 time.sleep(0.05)
         finally:
-            for process in self.processes:
-                if process.poll() is None:
-                    process.kill()
-                process.wait()
+            self._stop()
         failed = next((p.returncode for p in self.processes if p.returncode), 0)
         texts = []
         for stream in (0, 1):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from revq_pipe.pipeline.tokenizer import RevqTokenizer
 from revq_pipe.stages.config import load_config
 from revq_pipe.stages.train import run_train
 from revq_pipe.stages.train_loop import LrSchedule, NonFiniteLossError
-from tests.helpers_processes import one_thread, run_ranks
+from tests.helpers_processes import Ranks, one_thread, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "_train_driver.py"
@@ -78,18 +77,8 @@ def read_metrics(run: Path) -> list[dict]:
 DRIVER_ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # one thread: same bytes side by side
 
 
-def launch(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(DRIVER), *args], cwd=REPO, env=DRIVER_ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    stdout, stderr = process.communicate(timeout=240)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def drive(args: list[str]) -> subprocess.CompletedProcess:
-    return finish(launch(args))
+def driver(*args: str) -> list[str]:
+    return [sys.executable, str(DRIVER), *args]
 
 
 # --- end to end -----------------------------------------------------------------------------
@@ -146,10 +135,11 @@ def test_training_streamed_from_zarr(caches, tmp_path):
 def test_resume_after_kill_mid_epoch_is_exact(caches, tmp_path, capsys):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     # the uninterrupted run and the one that is killed run side by side (independent processes)
-    uninterrupted = launch(["--set=" + s for s in tiny_overrides(caches, straight)])
-    killed = drive(["--set=" + s for s in tiny_overrides(caches, crashed)] + ["--kill-at", "3:5"])
-    assert killed.returncode == -9, killed.stderr
-    assert finish(uninterrupted).returncode == 0
+    with Ranks(driver(*("--set=" + s for s in tiny_overrides(caches, straight))), DRIVER_ENV, 1, REPO) as uninterrupted:
+        killed = run_ranks(driver(*("--set=" + s for s in tiny_overrides(caches, crashed)), "--kill-at", "3:5"),
+                           DRIVER_ENV, 1, cwd=REPO)
+        assert killed.returncode == -9, killed.stderr
+        assert uninterrupted.finish().returncode == 0
     assert torch.load(crashed / "checkpoint.pt", weights_only=True)["epoch"] == 2
     with one_thread():  # the resumed run here, with the drivers' kernels
         run_train(tiny_config(caches, crashed))
@@ -168,8 +158,7 @@ def test_ddp_two_ranks_keep_replicas_identical(caches, tmp_path):
     # more codes than latents: the repeated codes start dead, so the reset has work on both ranks
     overrides = tiny_overrides(caches, run, "train.batch_size=16", "quantizer.codebook_size=300",
                                "train.allow_small_cache=true")
-    done = run_ranks([sys.executable, str(DRIVER), *("--set=" + s for s in overrides), "--checksums", str(sums)],
-                     DRIVER_ENV, cwd=REPO)
+    done = run_ranks(driver(*("--set=" + s for s in overrides), "--checksums", str(sums)), DRIVER_ENV, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0 = (sums / "rank0.jsonl").read_text().splitlines()
     rank1 = (sums / "rank1.jsonl").read_text().splitlines()
