@@ -12,7 +12,7 @@ CLI := $(VENV)/bin/revq-pipe
 ARGS := --config $(CONFIG) --set paths.root=$(ROOT) $(SET)
 DEMO := $(filter configs/demo.yaml,$(CONFIG))
 
-.PHONY: setup demo-images encode train eval tokenize tolerance demo test bench clean
+.PHONY: setup demo-images encode train eval tokenize tolerance demo prior test bench clean
 
 setup: $(VENV)/.installed
 
@@ -46,7 +46,24 @@ tolerance: setup
 
 demo: encode train eval tokenize tolerance
 	@echo "demo finished: report $(ROOT)/runs/demo/eval_val.json, grid $(ROOT)/runs/demo/eval_val_grid.png," \
-	      "tolerance $(ROOT)/runs/demo/tolerance.json and .png, tokens $(ROOT)/tokens/val.zarr"
+	      "tolerance $(ROOT)/runs/demo/tolerance.json and .png, tokens $(ROOT)/runs/demo/tokens/val.zarr"
+
+# --- the token prior (docs/generation.md) ----------------------------------------------------------------
+# After `make demo` with the same ROOT: train tokens of every view (AUGMENT) beside the demo tokenizer's run,
+# their .npy export, the demo prior, 32 samples (RUN/samples/) and its evaluation (RUN/prior_eval.json).
+PRIOR_CONFIG ?= configs/prior-demo.yaml
+AUGMENT ?= flip
+PRIOR_ARGS := --config $(PRIOR_CONFIG) --set paths.root=$(ROOT) $(SET)
+DEMO_TOKENS := $(ROOT)/runs/demo/tokens
+
+prior: setup
+	$(CLI) tokenize --split train --augment $(AUGMENT) --out '{run}/tokens/{split}-$(AUGMENT).zarr' $(ARGS)
+	$(CLI) tokenize --split val $(ARGS)
+	$(CLI) tokens export $(DEMO_TOKENS)/train-$(AUGMENT).zarr --format npy --out $(DEMO_TOKENS)/train-$(AUGMENT).npy
+	$(CLI) prior train $(PRIOR_ARGS)
+	$(CLI) prior sample --num 32 $(PRIOR_ARGS)
+	$(CLI) prior eval $(PRIOR_ARGS)
+# --- end of the token prior ------------------------------------------------------------------------------
 
 test: setup
 	$(VENV)/bin/python -m pytest

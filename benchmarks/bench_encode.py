@@ -139,7 +139,7 @@ def main() -> None:
         batches = [range(b, min(b + args.batch_size, u + args.chunk_size, len(dataset)))
                    for u in range(0, len(dataset), args.chunk_size)
                    for b in range(u, min(u + args.chunk_size, len(dataset)), args.batch_size)]
-        vae = FrozenVAE.load(vae_source, device=args.device, autocast_bf16=cfg.vae.autocast_bf16)
+        vae = FrozenVAE.load(vae_source, device=args.device, precision=cfg.vae.precision)
         forward_s = time_forward(vae, stacked, batches, args.repeats)
 
     n = len(dataset)

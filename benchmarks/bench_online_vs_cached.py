@@ -57,6 +57,7 @@ from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
 from revq_pipe.pipeline.rectifier import build_rectifier
 from revq_pipe.pipeline.vae import FrozenVAE
 from revq_pipe.stages.config import RevqConfig, load_config
+from revq_pipe.stages.distributed import DistContext
 from revq_pipe.stages.train_loop import TrainParts, build_optimizer, train_step
 
 PRESET = Path(__file__).resolve().parents[1] / "configs" / "512T.yaml"
@@ -123,8 +124,12 @@ def build_train_parts(cfg: RevqConfig, normalizer: LatentNormalizer, latent_shap
                                 codebook_weight_decay=tc.codebook_weight_decay, rectifier_lr=tc.rectifier_lr,
                                 rectifier_weight_decay=tc.rectifier_weight_decay)
     return TrainParts(normalizer=normalizer.to(device), quantizer=quantizer, rectifier=rectifier, rectify=rectifier,
-                      optimizer=optimizer, train_rectifier=True, grad_clip=tc.grad_clip,
-                      bf16=tc.bf16 and device.type == "cuda")
+                      optimizer=optimizer, train_rectifier=True, grad_clip=tc.grad_clip, precision=tc.precision,
+                      deferred_search=device.type == "cuda")  # as stages/train.py builds them
+
+
+def single_process(device: torch.device) -> DistContext:
+    return DistContext(rank=0, world_size=1, local_rank=0, device=device)
 
 
 def load_images(files: list[str], resolution: int) -> torch.Tensor:
@@ -152,18 +157,18 @@ def write_jpegs(folder: Path, count: int, size: int, seed: int = 0) -> list[str]
 # --- the online way (also writes the cache: stage one with the same encoder) -------------------
 
 
-def build_encoder(device: torch.device, autocast_bf16: bool) -> FrozenVAE:
+def build_encoder(device: torch.device, precision: str) -> FrozenVAE:
     """DC-AE f32c32 (sana-1.1 architecture) with seeded random weights and no decoder, frozen."""
     torch.manual_seed(0)
     model = AutoencoderDC(**DC_AE_F32C32_SANA)
     model.decoder = None  # training only encodes; keeping the decoder would inflate the online memory figure
-    return FrozenVAE(model, source=ENCODER_NAME, device=device, autocast_bf16=autocast_bf16)
+    return FrozenVAE(model, source=ENCODER_NAME, device=device, precision=precision)
 
 
 def online_setup(cfg: RevqConfig, device: torch.device, files: list[str], cache_path: str, batch_sizes: list[int]):
     """Encode every JPEG into the cache (timed: the encode pass; warms the encoder up), then the trainer."""
     start = sync(device)
-    vae = build_encoder(device, cfg.vae.autocast_bf16)
+    vae = build_encoder(device, cfg.vae.precision)
     build_s = sync(device) - start
     resolution, batch = cfg.data.resolution, max(batch_sizes)
     latents = torch.cat([vae.encode(load_images(files[i:i + batch], resolution)).cpu()
@@ -180,10 +185,10 @@ def online_setup(cfg: RevqConfig, device: torch.device, files: list[str], cache_
     cache = LatentCache.open(cache_path)
     parts = build_train_parts(cfg, LatentNormalizer(cache.mean, cache.std), cache.latent_shape, device)
     for b in batch_sizes:  # warm-up: optimizer state, allocator
-        train_step(parts, latents[:b].to(device))
+        train_step(parts, latents[:b].to(device), single_process(device))
     params = sum(p.numel() for p in vae.model.parameters())
     info = {"encoder_params": params, "build_s": build_s, "write_s_per_sample": write_s / len(files),
-            "bf16_encoder": vae.autocast_bf16 and device.type == "cuda"}
+            "encoder_precision": vae.precision}
     state = {"vae": vae, "parts": parts, "files": files, "resolution": resolution, "cursor": 0}
     return state, info
 
@@ -196,7 +201,7 @@ def online_iteration(state: dict, batch: int, device: torch.device) -> dict[str,
     t1 = sync(device)
     latents = state["vae"].encode(images)  # (B, C, H, W) float32 on the device
     t2 = sync(device)
-    train_step(state["parts"], latents)
+    train_step(state["parts"], latents, single_process(device))
     t3 = sync(device)
     return {"decode": t1 - t0, "encode": t2 - t1, "step": t3 - t2}
 
@@ -226,7 +231,7 @@ def cached_iteration(state: dict, batch: int, device: torch.device) -> dict[str,
     t0 = sync(device)
     latents = data[index].float()  # (B, C, H, W)
     t1 = sync(device)
-    train_step(state["parts"], latents)
+    train_step(state["parts"], latents, single_process(device))
     t2 = sync(device)
     return {"gather": t1 - t0, "step": t2 - t1}
 
@@ -350,7 +355,7 @@ def main() -> None:
         print(f"device {device}{threads}, torch {torch.__version__}; {num_images} JPEGs {cfg.data.resolution}x"
               f"{cfg.data.resolution} ({jpeg_kib:.0f} KiB each) from the demo photographs; 512T: T="
               f"{cfg.quantizer.num_tokens}, K={cfg.quantizer.codebook_size:,}, rectifier {cfg.rectifier.width}x"
-              f"{cfg.rectifier.depth}, step bf16 {cfg.train.bf16 and device.type == 'cuda'}", flush=True)
+              f"{cfg.rectifier.depth}, step precision {cfg.train.precision}", flush=True)
 
         # --- the two ways, each in its own process; online first: it writes the cache ----------
         cache_path = str(Path(scratch) / "train.zarr")
@@ -358,7 +363,7 @@ def main() -> None:
         online = Way("online", *common)
         cached = Way("cached", *common)
         print(f"encoder: {ENCODER_NAME}, {online.info['encoder_params'] / 1e6:.1f} M parameters, built in "
-              f"{online.info['build_s']:.1f} s, bf16 autocast {online.info['bf16_encoder']}; cache: "
+              f"{online.info['build_s']:.1f} s, precision {online.info['encoder_precision']}; cache: "
               f"{cached.info['num_samples']} latents, {cached.info['dtype']}, {cached.info['bytes_per_sample']:,} "
               f"bytes each, resident on {device}", flush=True)
 

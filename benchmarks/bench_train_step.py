@@ -15,7 +15,7 @@ machine puts under any fp32 implementation of the step: the rectifier's conv/lin
 measured fp32 matmul rate. The defaults keep a run on 2 busy CPU cores near 3 minutes; raise --iters /
 --baseline-iters for steadier numbers.
 
-    .venv/bin/python benchmarks/bench_train_step.py [--batch-size 64] [--device auto] [--bf16] [--compile]
+    .venv/bin/python benchmarks/bench_train_step.py [--batch-size 64] [--device auto] [--precision fp32] [--compile]
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from revq_pipe.pipeline.normalizer import LatentNormalizer
 from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
 from revq_pipe.pipeline.rectifier import build_rectifier
 from revq_pipe.stages.config import load_config
+from revq_pipe.pipeline.choices import PRECISIONS
+from revq_pipe.stages.distributed import DistContext
 from revq_pipe.stages.train_loop import TrainParts, build_optimizer, train_step
 
 PRESET = load_config(Path(__file__).resolve().parents[1] / "configs" / "512T.yaml")  # T=512, K=16,384, 512x3
@@ -69,7 +71,7 @@ def optimizer_step(optimizer: torch.optim.AdamW, loss: torch.Tensor) -> None:
 class OurStep:
     """The training loop's own step (stages.train_loop.train_step) on already standardized latents."""
 
-    def __init__(self, quantizer: MultiGroupQuantizer, rectifier: torch.nn.Module, bf16: bool = False,
+    def __init__(self, quantizer: MultiGroupQuantizer, rectifier: torch.nn.Module, precision: str = "fp32",
                  compile: bool = False) -> None:
         channels = quantizer.latent_shape
         identity = LatentNormalizer(torch.zeros(channels), torch.ones(channels)).to(quantizer.codebooks.device)
@@ -77,11 +79,14 @@ class OurStep:
                                     codebook_weight_decay=0.0, rectifier_lr=RECTIFIER_LR,
                                     rectifier_weight_decay=RECTIFIER_WD)
         rectify = torch.compile(rectifier) if compile else rectifier  # as train.compile does
+        device = quantizer.codebooks.device
         self.parts = TrainParts(normalizer=identity, quantizer=quantizer, rectifier=rectifier, rectify=rectify,
-                                optimizer=optimizer, train_rectifier=True, grad_clip=GRAD_CLIP, bf16=bf16)
+                                optimizer=optimizer, train_rectifier=True, grad_clip=GRAD_CLIP, precision=precision,
+                                deferred_search=device.type == "cuda")  # as stages/train.py builds them
+        self.ctx = DistContext(rank=0, world_size=1, local_rank=0, device=device)
 
     def __call__(self, z: torch.Tensor) -> None:
-        train_step(self.parts, z)
+        train_step(self.parts, z, self.ctx)
 
 
 class BaselineStep:
@@ -95,7 +100,7 @@ class BaselineStep:
         with torch.no_grad():
             ids = baseline_nearest(tokens, self.codebooks)
         codes = self.codebooks[torch.arange(NUM_TOKENS, device=z.device), ids]  # (B, T, d)
-        rectified = self.rectifier.forward_reference(codes.detach().reshape(z.shape))
+        rectified = self.rectifier.forward_diffusers(codes.detach().reshape(z.shape))
         loss = F.mse_loss(codes, tokens) + F.mse_loss(rectified, z)
         optimizer_step(self.optimizer, loss)
 
@@ -165,15 +170,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3, help="timed calls of ours in each section")
     parser.add_argument("--baseline-iters", type=int, default=2,
                         help="timed searches and steps of the baseline (its rectifier: --iters)")
-    parser.add_argument("--search-memory-mb", type=float, default=256)
-    parser.add_argument("--bf16", action="store_true", help="our step with the rectifier in bf16 autocast (CUDA only)")
+    parser.add_argument("--search-memory-mb", type=float, default=0, help="0 = derived from the device")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="our step's precision policy (pipeline/precision.py); the baseline runs in fp32")
     parser.add_argument("--compile", action="store_true", help="our step with the rectifier under torch.compile")
     args = parser.parse_args()
 
     # --- setup: identical weights and batch for both -------------------------------------------
     device = resolve_device(args.device)
-    if args.bf16 and device.type != "cuda":
-        parser.error(f"--bf16 autocasts on CUDA only, and the device is {device}; drop --bf16 or pass --device cuda")
     batch = args.batch_size
     torch.manual_seed(0)
     quantizer = MultiGroupQuantizer(LATENT_SHAPE, NUM_TOKENS, CODEBOOK_SIZE,
@@ -183,13 +187,13 @@ def main() -> None:
         rectifier.conv_out.weight.normal_(0.0, 1e-3)
     z = torch.randn(batch, *LATENT_SHAPE, device=device)  # standardized latents
     tokens = quantizer.to_tokens(z)
-    ours = OurStep(quantizer, rectifier, bf16=args.bf16, compile=args.compile)
+    ours = OurStep(quantizer, rectifier, precision=args.precision, compile=args.compile)
     base = BaselineStep(quantizer.codebooks, copy.deepcopy(rectifier))
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"device {device}{threads}, torch {torch.__version__}, batch {batch}, T={NUM_TOKENS} d={quantizer.token_dim}"
           f" K={CODEBOOK_SIZE}, rectifier 512x3 ({sum(p.numel() for p in rectifier.parameters()) / 1e6:.2f} M)")
     print(f"ours: nearest() (search plan {quantizer.search_plan(batch)}) and train_loop.train_step with fused AdamW"
-          f" (rectifier in the step: bf16 {args.bf16}, compile {args.compile}; the rectify row is fp32 eager); "
+          f" (precision {args.precision}, compile {args.compile}; the rectify row is fp32 eager); "
           "baseline: per-position cdist + argmin loop, diffusers' forward, default AdamW")
     print(f"{'':<8}{'ours/s':>14}{'baseline/s':>14}{'speedup':>11}")
 
@@ -205,9 +209,9 @@ def main() -> None:
     # --- (b) rectifier forward + backward alone ---------------------------------------------
     reference_rectifier = base.rectifier
     rectifier_backward(rectifier, z)  # warm-up at full size: the allocator's first large buffers are slow
-    rectifier_backward(reference_rectifier.forward_reference, z)
+    rectifier_backward(reference_rectifier.forward_diffusers, z)
     ours_rect, base_rect = timed_pair(lambda: rectifier_backward(rectifier, z),
-                                      lambda: rectifier_backward(reference_rectifier.forward_reference, z),
+                                      lambda: rectifier_backward(reference_rectifier.forward_diffusers, z),
                                       args.iters, args.iters, device)
     report("rectify", batch, ours_rect, base_rect)
 

@@ -1,4 +1,4 @@
-"""Read a latent cache: validate its manifest, load it whole, or stream shuffled minibatches.
+"""Read a latent cache: validate its manifest, load it whole, or read any rows of it.
 
 A cache is a local directory or a URL (s3://..., any fsspec scheme; `options` are the fsspec
 storage options, None = the standard places). A URL is read through Zarr's FsspecStore and never
@@ -9,6 +9,7 @@ bytes through an optional callback.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import zarr
 
 from revq_pipe.cache import storage
+from revq_pipe.cache.collective import rank_slice  # noqa: F401 (its old home; callers import it from here)
 from revq_pipe.cache.schema import FORMAT, FORMAT_VERSION, CacheError, CacheManifest
 from revq_pipe.cache.staging import as_location, read_store_attrs, staged_unit_ids
 from revq_pipe.pipeline.vae_identity import VaeMismatchError, require_same_vae
@@ -26,13 +28,6 @@ from revq_pipe.pipeline.vae_identity import VaeMismatchError, require_same_vae
 _LOAD_BLOCK_ROWS = 16384  # rows read per step by load_latents (bounds the host copy when loading onto a GPU)
 _REMOTE_BLOCK_BYTES = 16 * 2**20  # target bytes per block when loading from a URL (one thread reads one block)
 LOAD_THREADS = 8  # blocks read concurrently when loading a split from a URL
-
-
-def rank_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[lo, hi): rank r's contiguous share of num_items; shares differ by at most one, rank 0 first."""
-    if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
-    return rank * num_items // world_size, (rank + 1) * num_items // world_size
 
 
 class LatentCache:
@@ -108,6 +103,13 @@ class LatentCache:
     def std(self) -> torch.Tensor:
         """Per-element population standard deviation, float32 (C, H, W)."""
         return torch.from_numpy(np.asarray(self._group["std"][...], dtype=np.float32))
+
+    def statistics_sha256(self) -> str:
+        """A digest of the stored mean and std: what tells two caches of the same size apart cheaply."""
+        digest = hashlib.sha256()
+        for name in ("mean", "std"):
+            digest.update(np.ascontiguousarray(self._group[name][...], dtype=np.float32).tobytes())
+        return digest.hexdigest()
 
     def labels(self) -> np.ndarray:
         """Class ids (N,) int32, -1 when unknown."""
@@ -192,64 +194,21 @@ class LatentCache:
                 place(start, data)
         return out
 
-    def iter_batches(
-        self,
-        batch_size: int,
-        *,
-        seed: int,
-        epoch: int,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: bool = False,
-        window_chunks: int = 8,
-    ) -> Iterator[torch.Tensor]:
-        """Stream float32 minibatches (B, C, H, W) from disk.
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Latents at the given row indices (n,), in that order, in the stored dtype (n, C, H, W).
 
-        The epoch order is a permutation of all samples, fixed by (seed, epoch): chunks in shuffled
-        order, taken `window_chunks` at a time, rows shuffled within each window (so a minibatch
-        mixes several chunks while each chunk is read once). Rank r takes the r-th of `world_size`
-        contiguous, equal (+-1) slices of that order; together the ranks see every sample exactly
-        once per epoch. Ranks may differ by one batch when drop_last is False.
+        One orthogonal read of the sorted rows: Zarr fetches (and decompresses) each chunk they touch once.
         """
-        if not all(isinstance(v, int) and v >= 1 for v in (batch_size, window_chunks)):
-            raise ValueError(f"batch_size={batch_size!r}, window_chunks={window_chunks!r}: expected positive ints")
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and not (0 <= rows.min() and rows.max() < self.num_samples):
+            raise ValueError(f"rows range over [{rows.min()}, {rows.max()}], outside the {self.num_samples} "
+                             f"latents of {self.path}")
+        order = np.argsort(rows, kind="stable")
         array = self._group["latents"]
-        n, chunk = array.shape[0], array.chunks[0]
-        lo, hi = rank_slice(n, rank, world_size)  # this rank's slice of the epoch order
-        windows = _epoch_windows(n, chunk, window_chunks, shuffle, np.random.default_rng([seed, epoch]))
-
-        pending, buffered, position = [], 0, 0
-        for rows in windows:
-            mine = rows[max(lo - position, 0):max(hi - position, 0)]
-            position += len(rows)
-            if len(mine) == 0:
-                continue
-            # one orthogonal read of the sorted rows (Zarr fetches the needed chunks concurrently)
-            order = np.argsort(mine, kind="stable")
-            data = np.empty((len(mine), *array.shape[1:]), dtype=array.dtype)
-            data[order] = array.oindex[mine[order]]
-            pending.append(data)
-            buffered += len(mine)
-            while buffered >= batch_size:
-                data = np.concatenate(pending)
-                yield torch.from_numpy(data[:batch_size].astype(np.float32))
-                pending, buffered = [data[batch_size:]], buffered - batch_size
-        if buffered and not drop_last:
-            yield torch.from_numpy(np.concatenate(pending).astype(np.float32))
-
-
-def _epoch_windows(n: int, chunk: int, window_chunks: int, shuffle: bool,
-                   rng: np.random.Generator) -> list[np.ndarray]:
-    """The epoch order as sample indices per window of `window_chunks` chunks."""
-    num_chunks = -(-n // chunk)
-    order = rng.permutation(num_chunks) if shuffle else np.arange(num_chunks)
-    windows = []
-    for start in range(0, num_chunks, window_chunks):
-        ids = order[start:start + window_chunks]
-        rows = np.concatenate([np.arange(c * chunk, min((c + 1) * chunk, n)) for c in ids])
-        windows.append(rng.permutation(rows) if shuffle else rows)
-    return windows
+        out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+        if len(rows):
+            out[order] = array.oindex[rows[order]]
+        return out
 
 
 def _torch_dtype(dtype: np.dtype) -> torch.dtype:

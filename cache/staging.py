@@ -6,9 +6,14 @@ owns unit u (u % world_size == rank) stages it as STORE/_staging/unit_000123.npz
 memory and written by one `storage.write_bytes_atomic` (locally a temporary file renamed into place,
 on an object store a single PUT), so a unit is either fully there or absent and a killed run
 restarted with the same arguments redoes only what is missing. Which units are staged is found by
-listing the staging prefix once. Phase two (rank 0) reads the units in unit order, never rank
-order, writes the final arrays through `storage.zarr_store`, sets `complete` last (its own write
-of zarr.json) and removes the staging parts (`storage.remove_tree`).
+listing the staging prefix once. Phase two runs on every rank at once (`_summarize_blocks`,
+`_write_rows`): the ranks read the units' small summaries block by block and exchange them, so each
+knows where every unit's rows land; then each rank writes a contiguous share of whole chunks of the
+final arrays from the units that cover them. Rows are placed by unit order and summaries merged in a
+fixed tree (units within blocks of STATS_BLOCK_UNITS, then blocks in order), never by rank, so any
+number of ranks writes the same bytes. Rank 0 alone then writes what is small (statistics, the
+manifest), sets `complete` last (its own write of zarr.json) and removes the staging parts
+(`storage.remove_tree`).
 
 A store's location is a local path or a URL (s3://..., any fsspec scheme); `options` are the
 fsspec storage options (`storage.storage_options(cfg.storage.endpoint_url)`; None = the standard
@@ -28,20 +33,21 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
 
 from revq_pipe.cache import storage
+from revq_pipe.cache.collective import SINGLE_PROCESS, Collective, rank_slice, run_everywhere
 from revq_pipe.cache.schema import STAGING_DIR, CacheError
 
 _UNIT_NAME = re.compile(r"^unit_(\d+)\.npz$")
+STATS_BLOCK_UNITS = 64  # units per block of the fixed tree that unit summaries are merged in
+WRITE_BLOCK_CHUNKS = 8  # chunks handed to Zarr per write call during assembly (Zarr writes them concurrently)
 
-Location = str | Path
 
-
-def as_location(location: str | os.PathLike) -> Location:
+def as_location(location: str | os.PathLike) -> str | Path:
     """A URL stays a string (never a Path: pathlib folds s3://b/k into s3:/b/k); a local path becomes a Path."""
     if storage.is_url(location):
         return str(location)
@@ -94,6 +100,7 @@ class StagedWriter:
     CONTENTS: str = "data"           # what is written into it, e.g. "a cache" or "tokens"
     OUT_HINT: str = "output path"    # how the user names the store's path, e.g. "--out"
     SPEC_FIELDS: tuple[str, ...] = ()  # attributes that must match to resume or attach
+    ROW_ARRAYS: tuple[str, ...] = ()  # unit members that become rows of the final arrays, in unit order
 
     def __init__(self, path: str | os.PathLike, num_inputs: int, chunk_size: int,
                  options: dict[str, Any] | None = None) -> None:
@@ -122,7 +129,7 @@ class StagedWriter:
         return None if spec_differences(stored, attrs, cls.SPEC_FIELDS) else stored
 
     @classmethod
-    def _open_store(cls, path: Location, attrs: dict[str, Any], *, overwrite: bool, create: bool,
+    def _open_store(cls, path: str | Path, attrs: dict[str, Any], *, overwrite: bool, create: bool,
                     options: dict[str, Any] | None = None) -> None:
         """Make `path` a store to stage into: attach (create=False), resume, or create with `attrs`.
 
@@ -174,7 +181,7 @@ class StagedWriter:
         group.attrs.update(attrs)
 
     @classmethod
-    def _resume_existing(cls, location: Location, stored: dict[str, Any] | None, attrs: dict[str, Any],
+    def _resume_existing(cls, location: str | Path, stored: dict[str, Any] | None, attrs: dict[str, Any],
                          overwrite: bool) -> bool:
         """For a non-empty target: True to resume it as it is (an unfinished store of the same spec), False
         when it may be replaced (`overwrite`); CacheError otherwise (never for something not a Zarr store)."""
@@ -186,20 +193,47 @@ class StagedWriter:
         if resumable and not diffs:
             return True
         if not overwrite:
-            raise CacheError(cls._refusal(location, stored, resumable, diffs))
+            raise CacheError(cls._refusal(location, stored, resumable, attrs))
         return False
 
     @classmethod
-    def _refusal(cls, path: Location, stored: dict[str, Any], resumable: bool, diffs: list[str]) -> str:
-        """Why an existing store cannot be reused, and what to do."""
+    def _refusal(cls, path: str | Path, stored: dict[str, Any], resumable: bool, attrs: dict[str, Any]) -> str:
+        """Why an existing store cannot be reused (what differs from this run, and what it was made from), and
+        what to do."""
+        changes = "; ".join(cls._changes(stored, attrs)) or "no setting"
         if resumable:
-            return (f"{path} holds an unfinished {cls.NOUN} started with other settings ({'; '.join(diffs)}); "
+            return (f"{path} holds an unfinished {cls.NOUN} started with other settings (stored -> now: {changes}); "
                     "rerun with the original settings to resume it, or pass --overwrite to discard it")
         if stored.get("format") == cls.FORMAT:
-            return (f"{path} already holds {cls._describe_complete(stored)}; pass --overwrite to replace it, "
-                    f"or choose another {cls.OUT_HINT}")
+            source = f", made from {stored['source']}" if stored.get("source") else ""
+            return (f"{path} already holds {cls._describe_complete(stored)}{source}, which differs from what this "
+                    f"run would write (stored -> now: {changes}); pass --overwrite to replace it, or choose another "
+                    f"{cls.OUT_HINT}")
         return (f"{path} holds a Zarr store that is not a {cls.NOUN}; pass --overwrite to replace it, "
                 f"or choose another {cls.OUT_HINT}")
+
+    @classmethod
+    def _changes(cls, stored: dict[str, Any], attrs: dict[str, Any]) -> list[str]:
+        """'key: stored -> now' for every spec field that differs; for a mapping (the VAE identity, the image
+        recipe, ...) only its entries that differ, as 'vae.weights_sha256: 3fa2c1d09e8b... -> ...'."""
+        def shown(value: Any) -> str:  # a hash by its first 12 hex digits, a long list or mapping cut short
+            text = repr(value)
+            if isinstance(value, str) and len(value) > 40 and "/" not in value:
+                return text[:13] + "...'"
+            return text if len(text) <= 80 else text[:77] + "..."
+
+        wanted = json.loads(json.dumps(attrs))  # as JSON would store it (tuples become lists)
+        changes = []
+        for name in cls.SPEC_FIELDS:
+            old, new = stored.get(name), wanted.get(name)
+            if old == new:
+                continue
+            if isinstance(old, dict) and isinstance(new, dict):
+                changes += [f"{name}.{key}: {shown(old.get(key))} -> {shown(new.get(key))}"
+                            for key in sorted({*old, *new}) if old.get(key) != new.get(key)]
+            else:
+                changes.append(f"{name}: {shown(old)} -> {shown(new)}")
+        return changes
 
     # ---- phase one: staging ---------------------------------------------------------------------
 
@@ -224,35 +258,44 @@ class StagedWriter:
             batches += [list(range(b, min(b + batch_size, stop))) for b in range(start, stop, batch_size)]
         return batches
 
-    def pending_units(self, rank: int = 0, world_size: int = 1) -> list[int]:
-        """Units this rank owns (u % world_size == rank) that are not staged yet."""
+    def missing_units(self) -> list[int]:
+        """Every unit not staged yet, in order (one listing of the staging prefix)."""
+        staged = self._staged_units()
+        return [u for u in range(self.num_units) if u not in staged]
+
+    def pending_units(self, rank: int = 0, world_size: int = 1, missing: list[int] | None = None) -> list[int]:
+        """This rank's share of the units still to stage: every world_size-th of `missing` (default: listed
+        now), so that what a partial run left is spread evenly over the ranks of the next one. Ranks must
+        share one listing (rank 0's), or two listings made at different moments could leave a unit to nobody.
+        """
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
-        staged = self._staged_units()
-        return [u for u in range(rank, self.num_units, world_size) if u not in staged]
+        return (self.missing_units() if missing is None else missing)[rank::world_size]
 
     def _stage(self, u: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write unit u's arrays as one staging part, atomically (a renamed temporary file, or one PUT)."""
+        """Write unit u's arrays as one staging part, atomically (a renamed temporary file, or one PUT).
+
+        The ROW_ARRAYS go first and the small summary members last, so that reading the summaries is one
+        ranged read from the end of the part (where the zip directory is too).
+        """
+        rows = [name for name in self.ROW_ARRAYS if name in arrays]
+        ordered = {**{name: arrays[name] for name in rows}, **{k: v for k, v in arrays.items() if k not in rows}}
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez(buffer, **ordered)
         storage.write_bytes_atomic(self._unit_file(u), buffer.getbuffer(), self.options)
 
-    def _unit_file(self, u: int) -> Location:
+    def _unit_file(self, u: int) -> str | Path:
         return storage.join(self._staging, f"unit_{u:06d}.npz")
 
     def _staged_units(self) -> set[int]:
         """The staged units in range, by one listing of the staging prefix."""
         return {u for u in staged_unit_ids(self.path, self.options) if u < self.num_units}
 
-    def _is_staged(self, u: int) -> bool:
-        return u in self._staged_units()
-
     # ---- phase two: assembly --------------------------------------------------------------------
 
     def _require_all_staged(self, hint: str) -> None:
         """CacheError naming the missing units unless every unit is staged; `hint` says what to do."""
-        staged = self._staged_units()
-        missing = [u for u in range(self.num_units) if u not in staged]
+        missing = self.missing_units()
         if missing:
             raise CacheError(f"{len(missing)} of {self.num_units} units of {self.path} are not written yet "
                              f"(first missing: {missing[:5]}); {hint}")
@@ -260,6 +303,43 @@ class StagedWriter:
     def _load_unit(self, u: int):
         """Unit u's staged arrays (an NpzFile; use it as a context manager)."""
         return np.load(io.BytesIO(storage.read_bytes(self._unit_file(u), self.options)), allow_pickle=False)
+
+    def _unit_summary(self, u: int) -> dict[str, np.ndarray]:
+        """Unit u's members other than its ROW_ARRAYS, read without reading the rows."""
+        with storage.open_for_reading(self._unit_file(u), self.options) as handle:
+            with np.load(handle, allow_pickle=False) as part:
+                return {name: part[name] for name in part.files if name not in self.ROW_ARRAYS}
+
+    def _summarize_blocks(self, collective: Collective, summarize: Callable[[range], Any]) -> list[Any]:
+        """summarize(units) of every block of STATS_BLOCK_UNITS units, in block order, on every rank: each
+        rank summarizes a contiguous share of the blocks, then the ranks exchange them."""
+        blocks = [range(start, min(start + STATS_BLOCK_UNITS, self.num_units))
+                  for start in range(0, self.num_units, STATS_BLOCK_UNITS)]
+        lo, hi = rank_slice(len(blocks), collective.rank, collective.world_size)
+        _, shares = run_everywhere(collective, lambda: [summarize(blocks[b]) for b in range(lo, hi)])
+        return [summary for share in shares for summary in share]
+
+    def _write_rows(self, arrays: dict[str, zarr.Array], unit_rows: list[int], collective: Collective) -> None:
+        """This rank's contiguous share of whole chunks of the final row arrays (named as the units' ROW_ARRAYS),
+        copied from the staged units that cover them; unit u holds unit_rows[u] rows, placed in unit order."""
+        offsets = np.concatenate([[0], np.cumsum(unit_rows, dtype=np.int64)])  # unit u: [offsets[u], offsets[u+1])
+        total, rows_per_chunk = int(offsets[-1]), self.chunk_size
+        lo, hi = rank_slice(-(-total // rows_per_chunk), collective.rank, collective.world_size)
+        last = (None, None)  # (unit, its arrays): consecutive write blocks share at most their boundary unit
+        for first_chunk in range(lo, hi, WRITE_BLOCK_CHUNKS):
+            start = first_chunk * rows_per_chunk
+            stop = min(min(first_chunk + WRITE_BLOCK_CHUNKS, hi) * rows_per_chunk, total)
+            pieces: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
+            first_unit = int(np.searchsorted(offsets, start, side="right")) - 1
+            for u in range(first_unit, int(np.searchsorted(offsets, stop, side="left"))):
+                if last[0] != u:
+                    with self._load_unit(u) as part:
+                        last = (u, {name: part[name] for name in arrays})
+                a, b = max(start, offsets[u]) - offsets[u], min(stop, offsets[u + 1]) - offsets[u]
+                for name in arrays:
+                    pieces[name].append(last[1][name][a:b])
+            for name, array in arrays.items():
+                array[start:stop] = np.concatenate(pieces[name])
 
     def _open_group(self, mode: str = "r+") -> zarr.Group:
         """The store's Zarr group (LocalStore for a path, FsspecStore for a URL)."""

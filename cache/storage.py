@@ -50,11 +50,12 @@ completes), and S3 and GCS give strong read-after-write and list-after-write con
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -63,7 +64,8 @@ from zarr.storage import FsspecStore, LocalStore
 from revq_pipe.pipeline.files import atomic_path
 
 __all__ = ["StorageError", "is_url", "local_path", "join", "storage_options", "filesystem", "zarr_store",
-           "exists", "read_bytes", "write_bytes_atomic", "list_prefix", "remove_tree", "upload_dir"]
+           "exists", "read_bytes", "write_bytes_atomic", "list_prefix", "remove_tree", "upload_dir",
+           "describe_failure", "check_access"]
 
 # A scheme has two or more characters, so a Windows drive ("C:\\x", "C:/x") is never one; fsspec
 # chains ("simplecache::s3://b/k") are URLs too.
@@ -76,7 +78,8 @@ Location = str | os.PathLike
 
 
 class StorageError(Exception):
-    """A location cannot be used: a mangled URL, an unknown scheme, or a missing fsspec backend."""
+    """A location cannot be used: a mangled URL, an unknown scheme, a missing fsspec backend, or an object
+    store that refuses or cannot be reached (the message names the URL, the cause and the fix)."""
 
 
 def is_url(location: Location) -> bool:
@@ -148,14 +151,26 @@ def zarr_store(location: Location, mode: str = "r", options: dict[str, Any] | No
 def exists(location: Location, options: dict[str, Any] | None = None) -> bool:
     """True if an object or file is there, or (on an object store) any object below that prefix."""
     fs, path = filesystem(location, options)
-    fs.invalidate_cache(path)  # s3fs caches listings; another process or rank may have written since
-    return fs.exists(path)
+    with _reporting(location, options):
+        fs.invalidate_cache(path)  # s3fs caches listings; another process or rank may have written since
+        return fs.exists(path)
 
 
 def read_bytes(location: Location, options: dict[str, Any] | None = None) -> bytes:
     """The whole content of one file or object (FileNotFoundError when absent)."""
     fs, path = filesystem(location, options)
-    return fs.cat_file(path)
+    with _reporting(location, options):
+        return fs.cat_file(path)
+
+
+def open_for_reading(location: Location, options: dict[str, Any] | None = None, *, block_size: int = 2**18):
+    """A seekable binary file over one file or object; on an object store each read fetches `block_size`
+    bytes around it (one ranged GET), so reading a small part of a large object costs little."""
+    fs, path = filesystem(location, options)
+    if isinstance(fs, LocalFileSystem):
+        return open(path, "rb")
+    with _reporting(location, options):
+        return fs.open(path, "rb", block_size=block_size)
 
 
 def write_bytes_atomic(location: Location, data: bytes | bytearray | memoryview,
@@ -170,7 +185,8 @@ def write_bytes_atomic(location: Location, data: bytes | bytearray | memoryview,
     # An object store has no rename and needs none: a single PUT is atomic per object (a large
     # body goes up as a multipart upload, which also becomes visible only when it completes), and
     # there are no parent directories to create.
-    fs.pipe_file(path, bytes(data))
+    with _reporting(location, options):
+        fs.pipe_file(path, bytes(data))
 
 
 def list_prefix(location: Location, options: dict[str, Any] | None = None) -> list[str]:
@@ -179,7 +195,8 @@ def list_prefix(location: Location, options: dict[str, Any] | None = None) -> li
     fs.invalidate_cache(path)  # fresh listing: other ranks stage units while we run
     root = path.rstrip("/") + "/"
     try:
-        found = fs.find(root)
+        with _reporting(location, options):
+            found = fs.find(root)
     except FileNotFoundError:
         return []
     return sorted(p[len(root):] for p in found if p.startswith(root))
@@ -199,10 +216,11 @@ def remove_tree(location: Location, options: dict[str, Any] | None = None) -> No
         return
     if "/" not in path.strip("/"):
         raise StorageError(f"refusing to delete the whole bucket {location!s}; name a prefix inside it")
-    fs.invalidate_cache(path)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    with _reporting(location, options):
         fs.invalidate_cache(path)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+            fs.invalidate_cache(path)
 
 
 def upload_dir(local_dir: Location, url: Location, options: dict[str, Any] | None = None,
@@ -229,8 +247,112 @@ def upload_dir(local_dir: Location, url: Location, options: dict[str, Any] | Non
                 (Path(root) / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / name, Path(root) / name)
         else:
-            fs.put([str(source / n) for n in batch], [f"{root.rstrip('/')}/{n}" for n in batch])
+            with _reporting(url, options):
+                fs.put([str(source / n) for n in batch], [f"{root.rstrip('/')}/{n}" for n in batch])
     return names
+
+
+# --- object-store failures as one line ---------------------------------------------------------------
+# Backends raise their own types (botocore, aiohttp, google-auth) or s3fs's translations of them (FileNotFoundError,
+# PermissionError); they are told apart by class names along the exception chain, so no backend is imported here.
+
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                   "DefaultCredentialsError", "RefreshError"}
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError",
+                "ServerTimeoutError", "ConnectionRefusedError", "gaierror"}
+_NO_BUCKET = {"NoSuchBucket"}
+_ACCESS_DENIED = {"PermissionError", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
+_DEBUG_HINT = "--debug or REVQ_DEBUG=1 shows the traceback"
+
+
+def describe_failure(error: BaseException, location: Location | None = None,
+                     options: dict[str, Any] | None = None) -> str | None:
+    """One line for a failure to use an object store (the URL, the cause, the fix), or None for any other error.
+
+    The causes told apart: no credentials, endpoint unreachable, bucket missing, access denied. A plain
+    FileNotFoundError (a key that is not there) is no failure of the store and gives None.
+    """
+    chain = _chain(error)
+    names = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    url = str(location) if location is not None else "the object store"
+    remote = location is not None and is_url(str(location))
+    from_backend = remote or bool(names & {"BotoCoreError", "ClientError", "ClientConnectorError", "GoogleAuthError"})
+    scheme = str(location).split("://", 1)[0].lower() if remote else "s3"
+    if names & _NO_CREDENTIALS:
+        cause, fix = "no credentials were found", _credentials_fix(scheme)
+    elif names & _UNREACHABLE:
+        endpoint = (options or {}).get("endpoint_url") or _endpoint_in(chain) or "the default endpoint"
+        cause = f"the endpoint {endpoint} cannot be reached"
+        fix = ("check --set storage.endpoint_url (or AWS_ENDPOINT_URL) and that the server is up and reachable "
+               "from this machine")
+    elif names & _NO_BUCKET or any("bucket does not exist" in str(e).lower() for e in chain):
+        bucket = url.split("://", 1)[1].split("/", 1)[0] if remote else "named"
+        cause = f"the bucket {bucket!r} does not exist"
+        fix = f"create it (e.g. `aws s3 mb {scheme}://{bucket}`) or fix the URL"
+    elif from_backend and names & _ACCESS_DENIED:
+        cause = "access was denied"
+        fix = "use credentials that may read and write there (AWS_PROFILE, AWS_ACCESS_KEY_ID, ...) or fix the URL"
+    else:
+        return None
+    return f"cannot use {url}: {cause}; {fix} ({_DEBUG_HINT})"
+
+
+def check_access(location: Location, options: dict[str, Any] | None = None) -> None:
+    """StorageError (one line) when an object-store location cannot be used; a location with nothing there
+    yet is fine, and local paths are not checked. One listing request, made before any heavy work."""
+    if not is_url(os.fspath(location)):
+        return
+    text = os.fspath(location)
+    pattern = re.search(r"[{*?\[]", text)
+    probe = text[:pattern.start()].rsplit("/", 1)[0] if pattern else text  # a pattern: its fixed prefix
+    fs, path = filesystem(probe, options)
+    try:
+        with _reporting(text, options):
+            fs.ls(path, detail=False)
+    except FileNotFoundError:
+        pass  # nothing there yet (a store about to be written)
+    finally:
+        fs.invalidate_cache(path)  # the listing must not stand in for later, fresher ones
+
+
+@contextlib.contextmanager
+def _reporting(location: Location, options: dict[str, Any] | None) -> Iterator[None]:
+    """Turn an object-store failure inside the block into a StorageError naming `location`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as error:
+        message = describe_failure(error, location, options) if is_url(os.fspath(location)) else None
+        if message is None:
+            raise
+        raise StorageError(message) from error
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _endpoint_in(chain: list[BaseException]) -> str | None:
+    """The scheme://host[:port] a connection error names (botocore puts the whole request URL there)."""
+    for error in chain:
+        found = re.search(r"https?://[^/\s\"']+", str(error))
+        if found:
+            return found.group(0)
+    return None
+
+
+def _credentials_fix(scheme: str) -> str:
+    if scheme in ("gs", "gcs"):
+        return "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`"
+    if scheme in ("az", "abfs", "abfss"):
+        return "set AZURE_STORAGE_CONNECTION_STRING (or the account name and key)"
+    return "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE with ~/.aws/credentials"
 
 
 def _checked(location: Location) -> str:

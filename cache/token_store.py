@@ -1,13 +1,21 @@
 """A Zarr store of token ids for a whole split: what generative models train on.
 
-    ids     (N, T)  uint16 when K <= 65536, else int32   one codebook index per token position
-    labels  (N,)    int32                                class id, -1 when unknown
-    keys    (N,)    string                               source sample key
+One row per view of every image (V views: 1 without augmentation, 2 with flip, 10 with ten-crop;
+pipeline/views.py), image by image, so rows [i V, (i + 1) V) are the views of image i:
+
+    ids     (N V, T)  uint16 when K <= 65536, else int32   one codebook index per token position
+    labels  (N V,)    int32                                class id, -1 when unknown
+    keys    (N V,)    string                               source sample key (the same for an image's views)
+    views   (N V,)    uint8                                which view (an index into attrs augment.views)
 
 Group attributes: format "revq-token-store", the token layout (T, d, K, latent shape and which
-latent channel/rows/columns each position covers), the tokenizer identity (its directory and a
-hash of model.safetensors), the VAE identity, where the ids came from, skipped inputs, and
+latent channel/rows/columns each position covers), the augmentation (`augment`: name, view names,
+resolutions), the tokenizer identity (its directory and a hash of model.safetensors), the VAE
+identity, where the ids came from, `num_images`, `num_samples` (rows), skipped inputs, and
 `complete`, set last.
+
+A token id means (position, code): id k at position t is codebook[t, k]. `flat_ids` maps it to one
+shared vocabulary of T K entries (t K + k), and `per_position_ids` back.
 
 Writing is two-phase and resumable like the latent cache (cache/staging.py): units of
 `chunk_size` consecutive inputs are staged atomically (one object each, also on an object store) as
@@ -31,12 +39,35 @@ from revq_pipe.cache import storage
 from revq_pipe.cache.staging import StagedWriter, as_location, read_store_attrs
 
 TOKEN_FORMAT = "revq-token-store"
-TOKEN_FORMAT_VERSION = 1
+TOKEN_FORMAT_VERSION = 2  # 2: one row per view (views array, augment attribute)
 
 
 def ids_dtype(codebook_size: int) -> str:
     """The smallest stored dtype that holds every id of a K-entry codebook."""
     return "uint16" if codebook_size <= 2**16 else "int32"
+
+
+def flat_ids(ids: np.ndarray, codebook_size: int) -> np.ndarray:
+    """Per-position ids (..., T) -> one shared vocabulary of T K ids: t K + id, in the smallest dtype holding T K."""
+    ids = np.asarray(ids)
+    num_tokens = ids.shape[-1]
+    if ids.size and (ids.min() < 0 or ids.max() >= codebook_size):
+        raise ValueError(f"ids range over [{ids.min()}, {ids.max()}], outside the codebook [0, {codebook_size})")
+    offsets = np.arange(num_tokens, dtype=np.int64) * codebook_size  # (T,)
+    return (ids.astype(np.int64) + offsets).astype(ids_dtype(num_tokens * codebook_size))
+
+
+def per_position_ids(flat: np.ndarray, codebook_size: int) -> np.ndarray:
+    """The inverse of `flat_ids`: flat ids (..., T) -> per-position ids, refusing an id of another position."""
+    flat = np.asarray(flat).astype(np.int64)
+    offsets = np.arange(flat.shape[-1], dtype=np.int64) * codebook_size  # (T,)
+    ids = flat - offsets
+    if ids.size and (ids.min() < 0 or ids.max() >= codebook_size):
+        wrong = np.argwhere((ids < 0) | (ids >= codebook_size))[0]
+        raise ValueError(f"flat id {int(flat[tuple(wrong)])} at position {int(wrong[-1])} belongs to position "
+                         f"{int(flat[tuple(wrong)]) // codebook_size}; flat ids at position t lie in "
+                         f"[t K, (t + 1) K) with K = {codebook_size}")
+    return ids.astype(ids_dtype(codebook_size))
 
 
 class TokenWriter(StagedWriter):
@@ -46,8 +77,8 @@ class TokenWriter(StagedWriter):
     NOUN = "token store"
     CONTENTS = "tokens"
     OUT_HINT = "--out"
-    SPEC_FIELDS = ("split", "num_inputs", "chunk_size", "num_tokens", "codebook_size", "ids_dtype",
-                   "layout", "tokenizer", "vae", "source")
+    SPEC_FIELDS = ("format_version", "split", "num_inputs", "chunk_size", "num_tokens", "codebook_size",
+                   "ids_dtype", "layout", "augment", "tokenizer", "vae", "source")
 
     def __init__(self, path: str | os.PathLike, attrs: dict[str, Any],
                  options: dict[str, Any] | None = None) -> None:
@@ -67,6 +98,7 @@ class TokenWriter(StagedWriter):
         tokenizer: dict[str, Any],
         vae: dict[str, Any],
         source: dict[str, Any],
+        augment: dict[str, Any],
         chunk_size: int = 1024,
         overwrite: bool = False,
         create: bool = True,
@@ -83,6 +115,7 @@ class TokenWriter(StagedWriter):
             tokenizer: {"dir", "model_sha256"} of the tokenizer.
             vae: {"source", "class", "weights_sha256"} of the VAE the ids belong to.
             source: where the ids come from, e.g. {"kind": "images", "path": ..., "image": recipe}.
+            augment: the views of every image (pipeline.views.ViewSet.describe(): "name", "views", ...).
             chunk_size: inputs per work unit and rows per Zarr chunk.
             overwrite: replace a complete store, or an unfinished one with another spec.
             create: True on rank 0 only; other ranks pass False after a barrier and attach.
@@ -90,7 +123,8 @@ class TokenWriter(StagedWriter):
         """
         path = as_location(path)
         spec = cls._spec(num_inputs=num_inputs, split=split, num_tokens=num_tokens, codebook_size=codebook_size,
-                         layout=layout, tokenizer=tokenizer, vae=vae, source=source, chunk_size=chunk_size)
+                         layout=layout, tokenizer=tokenizer, vae=vae, source=source, augment=augment,
+                         chunk_size=chunk_size)
         cls._open_store(path, spec, overwrite=overwrite, create=create, options=options)
         return cls(path, spec, options)
 
@@ -102,32 +136,41 @@ class TokenWriter(StagedWriter):
 
     @staticmethod
     def _spec(*, num_inputs: int, split: str, num_tokens: int, codebook_size: int, layout: dict[str, Any],
-              tokenizer: dict[str, Any], vae: dict[str, Any], source: dict[str, Any], chunk_size: int = 1024
-              ) -> dict[str, Any]:
+              tokenizer: dict[str, Any], vae: dict[str, Any], source: dict[str, Any], augment: dict[str, Any],
+              chunk_size: int = 1024) -> dict[str, Any]:
         """The store's attributes before it is finished (JSON values only)."""
         if num_inputs < 1 or chunk_size < 1:
             raise ValueError(f"num_inputs={num_inputs}, chunk_size={chunk_size}: need at least one input "
                              "and a positive chunk size; check the image source")
+        if not augment.get("views") or len(augment["views"]) > 255:
+            raise ValueError(f"augment={augment!r} must name between 1 and 255 views (the views array is uint8)")
         spec = {"format": TOKEN_FORMAT, "format_version": TOKEN_FORMAT_VERSION, "complete": False,
                 "split": split, "num_inputs": int(num_inputs), "chunk_size": int(chunk_size),
                 "num_tokens": int(num_tokens), "codebook_size": int(codebook_size),
-                "ids_dtype": ids_dtype(codebook_size), "layout": layout, "tokenizer": tokenizer, "vae": vae,
-                "source": source, "num_samples": 0, "package_version": package_version()}
+                "ids_dtype": ids_dtype(codebook_size), "layout": layout, "augment": augment,
+                "tokenizer": tokenizer, "vae": vae, "source": source, "num_images": 0, "num_samples": 0,
+                "package_version": package_version()}
         return json.loads(json.dumps(spec))  # tuples -> lists, so a stored spec compares equal
 
     @classmethod
     def _describe_complete(cls, stored: dict[str, Any]) -> str:
-        return f"a complete token store of {stored.get('num_samples')} images"
+        return f"a complete token store of {stored.get('num_images', stored.get('num_samples'))} images"
+
+    @property
+    def num_views(self) -> int:
+        return len(self.attrs["augment"]["views"])
 
     def write_unit(self, u: int, ids: np.ndarray, labels: np.ndarray, keys: Sequence[str],
                    skipped: Sequence[tuple[str, str]] = ()) -> None:
-        """Stage unit u atomically: ids (n, T) of its readable inputs in input order, labels (n,), keys, skipped."""
+        """Stage unit u atomically: ids (n, V, T) of its readable inputs' views in input order, labels (n,),
+        keys, skipped."""
         start, stop = self.unit_range(u)
         ids, labels = np.asarray(ids), np.asarray(labels)
-        n, T, K = len(keys), self.attrs["num_tokens"], self.attrs["codebook_size"]
-        if ids.shape != (n, T) or labels.shape != (n,) or n + len(skipped) != stop - start:
+        n, V, T, K = len(keys), self.num_views, self.attrs["num_tokens"], self.attrs["codebook_size"]
+        if ids.shape != (n, V, T) or labels.shape != (n,) or n + len(skipped) != stop - start:
             raise ValueError(f"unit {u}: ids {ids.shape}, labels {labels.shape}, {n} keys and {len(skipped)} "
-                             f"skipped do not describe the unit's {stop - start} inputs with {T} tokens each")
+                             f"skipped do not describe the unit's {stop - start} inputs with {V} views of {T} "
+                             "tokens each")
         if n and (ids.min() < 0 or ids.max() >= K):
             raise ValueError(f"unit {u}: ids range over [{ids.min()}, {ids.max()}], outside the codebook [0, {K})")
         arrays = {"ids": ids.astype(self.attrs["ids_dtype"]), "labels": labels.astype(np.int32),
@@ -137,26 +180,31 @@ class TokenWriter(StagedWriter):
         self._stage(u, arrays)
 
     def finalize(self) -> dict[str, Any]:
-        """Assemble ids, labels and keys in unit order (rank 0, once every unit is staged); returns the attrs."""
+        """Assemble one row per view (ids, labels, keys, views) in unit order (rank 0, once every unit is
+        staged); returns the attrs."""
         self._require_all_staged("rerun with the same arguments to finish them")
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "labels", "keys", "skipped_keys",
                                                                "skipped_reasons")}
-        for u in range(self.num_units):  # token ids are small: T * 2 bytes per image
+        for u in range(self.num_units):  # token ids are small: V * T * 2 bytes per image
             with self._load_unit(u) as part:
                 for name in parts:
                     parts[name].append(part[name])
         data = {name: np.concatenate(arrays) for name, arrays in parts.items()}
-        if len(data["keys"]) == 0:
+        num_images, V = len(data["keys"]), self.num_views
+        if num_images == 0:
             raise CacheError(f"all {self.num_inputs} inputs for {self.path} were skipped; nothing to store. "
                              "Check the image source.")
+        data["ids"] = data["ids"].reshape(num_images * V, -1)  # (N, V, T) -> one row per view, image by image
+        data["labels"], data["keys"] = np.repeat(data["labels"], V), np.repeat(data["keys"], V)
+        data["views"] = np.tile(np.arange(V, dtype=np.uint8), num_images)
         group = self._open_group("r+")
-        cs = self.chunk_size
-        for name in ("ids", "labels", "keys"):
+        cs = self.chunk_size * V
+        for name in ("ids", "labels", "keys", "views"):
             array = group.create_array(name, shape=data[name].shape, chunks=(cs, *data[name].shape[1:]),
                                        dtype=str if name == "keys" else data[name].dtype,
                                        compressors=small_compressors(), overwrite=True)
             array[...] = data[name]
-        attrs = {**self.attrs, "num_samples": int(len(data["keys"])),
+        attrs = {**self.attrs, "num_images": int(num_images), "num_samples": int(len(data["keys"])),
                  "skipped": {"count": int(len(data["skipped_keys"])), "keys": data["skipped_keys"].tolist(),
                              "reasons": data["skipped_reasons"].tolist()}}
         self._mark_complete(group, attrs)
@@ -188,11 +236,32 @@ class TokenStore:
 
     @property
     def num_samples(self) -> int:
+        """Rows: one per view of every image."""
         return int(self.attrs["num_samples"])
 
-    def ids(self) -> np.ndarray:
-        """Token ids (N, T) in the stored dtype."""
-        return np.asarray(self._group["ids"][...])
+    @property
+    def num_images(self) -> int:
+        return int(self.attrs["num_images"])
+
+    @property
+    def view_names(self) -> list[str]:
+        return list(self.attrs["augment"]["views"])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attrs["num_tokens"])
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.attrs["codebook_size"])
+
+    def ids(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Token ids (rows, T) of rows [start, stop) (all by default), in the stored dtype."""
+        return np.asarray(self._group["ids"][start:stop])
+
+    def views(self) -> np.ndarray:
+        """Which view each row is (rows,), an index into `view_names`."""
+        return np.asarray(self._group["views"][...], dtype=np.int64)
 
     def labels(self) -> np.ndarray:
         return np.asarray(self._group["labels"][...], dtype=np.int32)

@@ -7,11 +7,13 @@ an object store; see cache/staging.py and cache/storage.py). A unit is either
 fully there or absent, so a killed run started again with the same arguments skips what is
 staged and redoes only the rest.
 
-Phase two: `finalize` (rank 0, once every unit is staged) copies the good samples in unit order
-into the final Zarr arrays chunk by chunk, merges the per-unit float64 statistics in unit order,
-records the skipped keys, sets `complete` last and removes the staging parts. Because the order
-is by unit, never by rank, any world size writes the same bytes. A crash inside finalize leaves
-the staging parts and `complete` false, so running finalize again starts it over.
+Phase two: `finalize` (every rank at once, once every unit is staged) merges the per-unit float64
+statistics and skipped keys in a fixed tree over the units, and the ranks copy the good samples in
+unit order into whole chunks of the final Zarr arrays, each rank a contiguous share of the chunks
+(cache/staging.py). Rank 0 writes the statistics and the manifest, sets `complete` last and removes the
+staging parts. Because rows and merges follow the units, never the ranks, any world size writes the
+same bytes. A crash inside finalize leaves the staging parts and `complete` false, so running finalize
+again starts it over.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
+from revq_pipe.cache.collective import SINGLE_PROCESS, Collective, run_everywhere
 from revq_pipe.cache.schema import FORMAT, LATENT_DTYPES, CacheError, CacheManifest, latent_compressors, small_compressors
 from revq_pipe.cache.staging import StagedWriter, as_location, read_store_attrs
 from revq_pipe.cache.stats import MomentAccumulator
@@ -31,7 +34,6 @@ from revq_pipe.cache.stats import MomentAccumulator
 __all__ = ["CacheWriter", "read_store_attrs"]  # read_store_attrs lives in cache.staging; re-exported here
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_WRITE_BLOCK_CHUNKS = 8  # chunks handed to Zarr per write call during finalize (Zarr writes them concurrently)
 
 
 class CacheWriter(StagedWriter):
@@ -41,6 +43,7 @@ class CacheWriter(StagedWriter):
     NOUN = "latent cache"
     CONTENTS = "a cache"
     SPEC_FIELDS = ("split", "num_inputs", "latent_shape", "latent_dtype", "chunk_size", "vae", "image")
+    ROW_ARRAYS = ("latents", "labels", "keys")
 
     def __init__(self, path: str | os.PathLike, manifest: CacheManifest,
                  options: dict[str, Any] | None = None) -> None:
@@ -145,58 +148,67 @@ class CacheWriter(StagedWriter):
 
     # ---- phase two: assembly --------------------------------------------------------------------
 
-    def finalize(self, ignored: Sequence[str] = (), source: str | None = None) -> CacheManifest:
-        """Assemble the final arrays from every staged unit (rank 0 only); returns the manifest.
+    def finalize(self, ignored: Sequence[str] = (), source: str | None = None,
+                 collective: Collective = SINGLE_PROCESS) -> CacheManifest:
+        """Assemble the final arrays from every staged unit; every rank of `collective` calls it together and
+        gets the manifest.
 
         `ignored` names the source's files that were no inputs (not images); `source` is where the inputs
         came from (the images' location), so later commands can find the images of a cached split.
         """
-        self._require_all_staged("finish encoding them (rerun with the same arguments) before finalize")
+        run_everywhere(collective, lambda: self._require_all_staged(
+            "finish encoding them (rerun with the same arguments) before finalize"), share=False)
 
-        # pass 1: sample count, statistics and skipped keys, all merged in unit order
-        stats, skipped_keys, skipped_reasons = MomentAccumulator(), [], []
-        for u in range(self.num_units):
-            with self._load_unit(u) as part:
-                stats.merge(MomentAccumulator.from_state_dict(
-                    {k[len("stats_"):]: part[k] for k in part.files if k.startswith("stats_")}))
-                skipped_keys += part["skipped_keys"].tolist()
-                skipped_reasons += part["skipped_reasons"].tolist()
+        # every unit's row count, the statistics and the skipped keys, merged units-in-blocks then blocks
+        blocks = self._summarize_blocks(collective, self._block_summary)
+        stats, skipped_keys, skipped_reasons, unit_rows = MomentAccumulator(), [], [], []
+        for block in blocks:
+            stats.merge(MomentAccumulator.from_state_dict(block["stats"]))
+            skipped_keys += block["skipped_keys"]
+            skipped_reasons += block["skipped_reasons"]
+            unit_rows += block["rows"]
         if stats.count == 0:
             raise CacheError(f"all {self.num_inputs} inputs for {self.path} were skipped (first: "
                              f"{skipped_keys[0]!r}: {skipped_reasons[0]}); nothing to cache. Check the image source.")
 
-        # pass 2: copy the samples into chunk-aligned blocks of the final arrays
+        # the final arrays: rank 0 creates them, then every rank writes its share of their chunks
+        run_everywhere(collective, lambda: self._create_arrays(self._open_group("r+"), stats.count)
+                       if collective.rank == 0 else None, share=False)
         group = self._open_group("r+")
-        arrays = self._create_arrays(group, stats.count)
-        block_rows = self.chunk_size * _WRITE_BLOCK_CHUNKS
-        pending: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
-        buffered, written = 0, 0
-        for u in range(self.num_units):
-            with self._load_unit(u) as part:
-                for name in arrays:
-                    pending[name].append(part[name])
-                buffered += len(part["labels"])
-            if buffered >= block_rows or u == self.num_units - 1:
-                rows = buffered if u == self.num_units - 1 else buffered - buffered % self.chunk_size
-                for name, array in arrays.items():
-                    block = np.concatenate(pending[name])
-                    array[written:written + rows] = block[:rows]
-                    pending[name] = [block[rows:]]
-                buffered, written = buffered - rows, written + rows
-        group.create_array("mean", data=stats.mean().astype(np.float32), compressors=small_compressors(),
-                           overwrite=True)
-        group.create_array("std", data=stats.std().astype(np.float32), compressors=small_compressors(),
-                           overwrite=True)
+        run_everywhere(collective, lambda: self._write_rows({name: group[name] for name in self.ROW_ARRAYS},
+                                                            unit_rows, collective), share=False)
 
-        # the manifest last, and `complete` after everything else
+        # statistics and the manifest last, and `complete` after everything else (rank 0: small writes)
         manifest = CacheManifest(**{**self.manifest.__dict__, "num_samples": stats.count, "complete": False,
                                     "skipped": {"count": len(skipped_keys), "keys": skipped_keys,
                                                 "reasons": skipped_reasons},
                                     "ignored": {"count": len(ignored), "keys": list(ignored)},
                                     "source": source})
-        self._mark_complete(group, manifest.to_attrs())
+        run_everywhere(collective, lambda: self._finish(group, stats, manifest) if collective.rank == 0 else None,
+                       share=False)
         manifest.complete = True
         return manifest
+
+    def _block_summary(self, units: range) -> dict[str, Any]:
+        """Row counts, merged statistics and skipped inputs of consecutive units, from their summaries."""
+        stats, rows, skipped_keys, skipped_reasons = MomentAccumulator(), [], [], []
+        for u in units:
+            part = self._unit_summary(u)
+            unit_stats = MomentAccumulator.from_state_dict(
+                {k[len("stats_"):]: v for k, v in part.items() if k.startswith("stats_")})
+            rows.append(unit_stats.count)  # statistics are of the rows as stored: one per row
+            stats.merge(unit_stats)
+            skipped_keys += part["skipped_keys"].tolist()
+            skipped_reasons += part["skipped_reasons"].tolist()
+        return {"rows": rows, "stats": stats.state_dict(), "skipped_keys": skipped_keys,
+                "skipped_reasons": skipped_reasons}
+
+    def _finish(self, group: zarr.Group, stats: MomentAccumulator, manifest: CacheManifest) -> None:
+        group.create_array("mean", data=stats.mean().astype(np.float32), compressors=small_compressors(),
+                           overwrite=True)
+        group.create_array("std", data=stats.std().astype(np.float32), compressors=small_compressors(),
+                           overwrite=True)
+        self._mark_complete(group, manifest.to_attrs())
 
     # ---- helpers --------------------------------------------------------------------------------
 

@@ -1,8 +1,7 @@
 """The embedded demo's tooling, kept apart from the product's stages: its image set
-(`images.py`, cut from scikit-image's photographs) and the training of its small VAE
-(`vae_training.py`, whose result is committed in `demo/vae/`)."""
+(`images.py`, cut from scikit-image's photographs), the training of its small VAE
+(`vae_training.py`), and that VAE itself as package data (`vae/`: config.json, the weights and
+training_recipe.json), the built-in default `vae.source`.
 
-from revq_pipe.demo.images import DEMO_PHOTOS, IMAGE_SIZE, load_demo_photos, write_demo_images
-from revq_pipe.demo.vae_training import DEMO_VAE_CONFIG, train_demo_vae
-
-__all__ = ["DEMO_PHOTOS", "DEMO_VAE_CONFIG", "IMAGE_SIZE", "load_demo_photos", "train_demo_vae", "write_demo_images"]
+Nothing is imported here, so that locating the package data (stages/config.py) imports no torch.
+"""

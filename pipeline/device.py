@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from typing import Iterator
+
 import torch
+
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"  # what cuBLAS needs for reproducible matmuls (CUDA docs)
 
 
 def resolve_device(preference: str | torch.device = "auto") -> torch.device:
@@ -37,3 +43,29 @@ def resolve_device(preference: str | torch.device = "auto") -> torch.device:
                              "use device=auto or device=cpu")
         return device
     raise ValueError(f"device={preference!r} is not supported; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+@contextlib.contextmanager
+def deterministic_kernels(enabled: bool) -> Iterator[None]:
+    """With `enabled`, run the block with deterministic kernels: torch's deterministic algorithms (a
+    warning, not an error, for an op that has none), cuDNN deterministic and not benchmarking, and the
+    cuBLAS workspace setting it needs (read when cuBLAS starts, so enter this before any CUDA work).
+    Restores the previous settings afterwards. Without it, training is still exactly resumable on
+    the CPU; on CUDA some kernels (atomics in backward passes) may differ in their last bits run to run.
+    """
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
+        if previous[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

@@ -6,8 +6,11 @@ hub id on a machine without network should fail at once and say that the network
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import warnings
+from typing import Iterator
 from urllib.parse import urlparse
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -26,3 +29,14 @@ def hub_unreachable_reason() -> str | None:
             return None
     except OSError as error:
         return f"no network connection to {host}:{port} ({type(error).__name__}: {error})"
+
+
+@contextlib.contextmanager
+def quiet_hub() -> Iterator[None]:
+    """Hide huggingface_hub's warnings inside the block: they are about arguments diffusers passes it (e.g.
+    the deprecated `local_dir_use_symlinks`), nothing a user can act on, and would print before our own
+    one-line error. Errors still propagate."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"huggingface_hub(\.|$)")
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"huggingface_hub(\.|$)")
+        yield

@@ -126,9 +126,11 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
 def as_model_batch(images: Any, resolution: int, value_range: tuple[float, float] | None = None) -> torch.Tensor:
     """What users hold -> a float32 batch (B, 3, R, R) in [-1, 1], as the VAE expects.
 
-    Accepts a PIL image, an HWC uint8 numpy array (H, W, 3) or a batch of them (B, H, W, 3), a list of
-    either (each goes through `preprocess`, the recipe's resize and centre crop), or a tensor
-    (B, 3, R, R) / (3, R, R) that is already at the resolution: uint8 (0..255) or float in [-1, 1].
+    Accepts a PIL image (any mode), a numpy array holding what a PIL image holds (uint8 (H, W, 3) RGB,
+    (H, W, 4) RGBA, (H, W) or (H, W, 1) grey, uint16 (H, W) grey) or a batch of them (B, H, W, C), a list
+    of these (each goes through `preprocess`, the recipe's resize and centre crop), or a tensor
+    (B, 3, R, R) / (3, R, R) that is already at the resolution: uint8 (0..255) or float in [-1, 1]. A numpy
+    array is read exactly as Pillow reads the same pixels from a file, so both give the same batch.
 
     Float tensors are checked, because a [0, 1] tensor (torchvision's ToTensor) or a [0, 255] one
     would silently give wrong ids: values outside [-1, 1] are refused, and so is a batch with no
@@ -143,12 +145,7 @@ def as_model_batch(images: Any, resolution: int, value_range: tuple[float, float
     if isinstance(images, Image.Image):
         return preprocess(_to_rgb(images), resolution)[None]
     if isinstance(images, np.ndarray):
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"numpy images have shape {images.shape} and dtype {images.dtype}; pass HWC uint8 "
-                             "arrays (H, W, 3) or (B, H, W, 3)")
-        return torch.stack([preprocess(Image.fromarray(image), resolution) for image in images])
+        return torch.stack([preprocess(image, resolution) for image in _numpy_images(images)])
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"cannot make images out of a {type(images).__name__}; pass PIL images, HWC uint8 numpy "
                         "arrays, or tensors (B, 3, R, R)")
@@ -163,6 +160,24 @@ def as_model_batch(images: Any, resolution: int, value_range: tuple[float, float
     if not images.is_floating_point():
         raise ValueError(f"images have dtype {images.dtype}; pass uint8 (0..255) or float in [-1, 1]")
     return _float_to_model_range(images.float(), value_range)
+
+
+_NUMPY_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: the channel counts of an HWC image
+
+
+def _numpy_images(array: np.ndarray) -> list[Image.Image]:
+    """One image (H, W) / (H, W, C) or a batch (B, H, W, C) with C in 1, 3, 4 -> 8-bit RGB PIL images, the
+    content Pillow would read from a file of those pixels; anything else is refused with the shape passed."""
+    single = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in _NUMPY_CHANNELS)
+    batch = array.ndim == 4 and array.shape[-1] in _NUMPY_CHANNELS
+    grey = array.ndim == 2 or array.shape[-1] == 1
+    if not (single or batch) or not (array.dtype == np.uint8 or (array.dtype == np.uint16 and grey)):
+        hint = (" (float data in [0, 1]: (array * 255).round().astype(np.uint8))"
+                if np.issubdtype(array.dtype, np.floating) else "")
+        raise ValueError(f"numpy images have shape {array.shape} and dtype {array.dtype}; pass uint8 arrays (H, W, 3) "
+                         f"RGB, (H, W, 4) RGBA or (H, W) grey (uint16 too), or a batch (B, H, W, C) of them{hint}")
+    return [_to_rgb(Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image))
+            for image in ([array] if single else array)]
 
 
 def _float_to_model_range(images: torch.Tensor, value_range: tuple[float, float] | None) -> torch.Tensor:

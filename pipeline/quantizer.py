@@ -10,19 +10,30 @@ then the winning block) finds the argmin without a full argmin pass. The matmul'
 proven bound (Higham's gamma_n for dot products), so a row whose runner-up score lies within that bound
 of its minimum -- a tie or a near tie -- is re-decided with exact float64 distances. The result is the
 argmin of the exact distances, identical to a brute-force search, while the working set of one chunk
-stays below `search_memory_mb`.
+stays below the search budget (`search_memory_mb`, or derived from the device's free memory).
+
+Finding the unsure rows costs a host synchronisation (their number decides the work). A training step on
+an accelerator asks for the search with `deferred=True` instead: up to a fixed number of unsure rows are
+re-decided on the device without the host knowing how many there were, and the returned
+`ExactnessCheck` says later, when the host reads it, whether that capacity sufficed; if not, the caller
+repeats the search the synchronous way. Either way the ids are exact.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from revq_pipe.pipeline.choices import INIT_METHODS
+from revq_pipe.pipeline.precision import ieee_float32
+
+CPU_SEARCH_BUDGET_MB = 256  # chunks this size stay cache- and page-fault-friendly on a CPU
+FREE_MEMORY_SEARCH_SHARE = 4  # on an accelerator the derived budget is 1/4 of the memory free at first use
+DEFERRED_CAPACITY = (8, 256)  # unsure rows the deferred check re-decides on the device: at least, at most
 
 
 @dataclass
@@ -45,6 +56,63 @@ class SearchPlan:
     budget_bytes: int
 
 
+def token_dim_of(latent_shape: tuple[int, ...], num_tokens: int, name: str = "num_tokens T") -> int:
+    """d = C*H*W / T for T tokens cut from (C, H, W) latents; ValueError naming divisors that would fit
+    (`name` is how the message calls T)."""
+    if len(latent_shape) != 3 or min(latent_shape) < 1:
+        raise ValueError(f"latent_shape={tuple(latent_shape)} must be (C, H, W) with positive sizes")
+    size = math.prod(latent_shape)
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1 or size % num_tokens:
+        divisors = [t for t in range(1, size + 1) if size % t == 0]
+        raise ValueError(f"{name}={num_tokens} does not divide the latent size C*H*W = "
+                         f"{'x'.join(map(str, latent_shape))} = {size}; choose one of "
+                         f"{', '.join(map(str, divisors[-10:]))} (or another divisor of {size})")
+    return size // num_tokens
+
+
+def check_init_samples(codebook_size: int, num_samples: int, allow_replacement: bool, *, what: str = "sample tokens",
+                       fix: str = "pass more tokens, a smaller codebook, or allow_replacement=True to accept "
+                                  "repeated codes") -> None:
+    """ValueError when K distinct codes cannot be drawn from `num_samples` samples (and repeats are not allowed)."""
+    if codebook_size > num_samples and not allow_replacement:
+        raise ValueError(f"codebook_size K={codebook_size} is larger than the N={num_samples} {what}, so the codes "
+                         f"cannot be distinct samples; {fix}")
+
+
+class ExactnessCheck:
+    """Whether a deferred search's ids are exact, read by the host only when asked.
+
+    On CUDA the flag is copied to pinned host memory behind the search on the same stream, so `holds()`
+    waits for the search alone, not for the work queued after it. `combine` makes every rank of a job
+    take the same answer (one all-reduce), as they must: all of them redo a step or none does.
+    """
+
+    def __init__(self, exact: torch.Tensor) -> None:
+        self._failures = (~exact).to(torch.int32).reshape(1)  # (1,) on the search's device
+        self._host = None
+
+    def combine(self, all_reduce_sum) -> "ExactnessCheck":
+        """Sum the failures over ranks with `all_reduce_sum` (e.g. DistContext.all_reduce_sum_)."""
+        all_reduce_sum(self._failures)
+        return self
+
+    def start_copy(self) -> "ExactnessCheck":
+        """Queue the device-to-host copy of the answer (call once the answer is final)."""
+        if self._failures.is_cuda:
+            self._host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            self._host.copy_(self._failures, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        return self
+
+    def holds(self) -> bool:
+        """True when every id is exact; waits only for the search and its copy."""
+        if self._host is None:
+            return int(self._failures.item()) == 0
+        self._ready.synchronize()
+        return int(self._host.item()) == 0
+
+
 class MultiGroupQuantizer(nn.Module):
     """T per-position codebooks over latents of shape (C, H, W).
 
@@ -53,27 +121,26 @@ class MultiGroupQuantizer(nn.Module):
         num_tokens: T, the number of token positions; must divide C*H*W.
         codebook_size: K, codes per position.
         search_memory_mb: budget for the working set of one chunk of the nearest-neighbour search; the
-            search never materializes more (except one row of K scores, its minimum unit of work).
+            search never materializes more (except one row of K scores, its minimum unit of work). 0
+            derives it from the device (`search_budget_bytes`). A property of the machine, not of the
+            model: it is not saved with the codebooks, and the ids do not depend on it.
     """
 
     def __init__(self, latent_shape: tuple[int, int, int] | list[int], num_tokens: int, codebook_size: int,
-                 search_memory_mb: float = 256) -> None:
+                 search_memory_mb: float = 0) -> None:
         super().__init__()
         self.latent_shape = tuple(int(s) for s in latent_shape)
-        if len(self.latent_shape) != 3 or min(self.latent_shape) < 1:
-            raise ValueError(f"latent_shape={latent_shape} must be (C, H, W) with positive sizes")
-        size = math.prod(self.latent_shape)
-        if num_tokens < 1 or size % num_tokens:
-            raise ValueError(f"num_tokens T={num_tokens} does not divide the latent size C*H*W = "
-                             f"{'x'.join(map(str, self.latent_shape))} = {size}; choose a divisor of {size}")
+        token_dim = token_dim_of(self.latent_shape, num_tokens)
         if codebook_size < 1:
             raise ValueError(f"codebook_size K={codebook_size} must be at least 1")
-        if search_memory_mb <= 0:
-            raise ValueError(f"search_memory_mb={search_memory_mb} must be positive")
+        if search_memory_mb < 0:
+            raise ValueError(f"search_memory_mb={search_memory_mb} must be positive, or 0 to derive it from the "
+                             "device's free memory")
         self.num_tokens = num_tokens
         self.codebook_size = codebook_size
-        self.token_dim = size // num_tokens
+        self.token_dim = token_dim
         self.search_memory_mb = search_memory_mb
+        self._derived_budget: dict[str, int] = {}  # device -> bytes, measured once per device
         self.codebooks = nn.Parameter(torch.randn(num_tokens, codebook_size, self.token_dim))  # (T, K, d)
 
     def extra_repr(self) -> str:
@@ -123,23 +190,52 @@ class MultiGroupQuantizer(nn.Module):
     def _offsets(self, device: torch.device) -> torch.Tensor:
         return torch.arange(self.num_tokens, device=device) * self.codebook_size  # (T,)
 
+    def search_budget_bytes(self) -> int:
+        """The search's working-set budget on the codebooks' device: search_memory_mb, else CPU_SEARCH_BUDGET_MB
+        on a CPU, else 1/FREE_MEMORY_SEARCH_SHARE of the accelerator memory free when first asked."""
+        if self.search_memory_mb > 0:
+            return int(self.search_memory_mb * 2**20)
+        device = self.codebooks.device
+        if device.type != "cuda":
+            return CPU_SEARCH_BUDGET_MB * 2**20
+        key = str(device)
+        if key not in self._derived_budget:
+            free = torch.cuda.mem_get_info(device)[0]
+            self._derived_budget[key] = max(CPU_SEARCH_BUDGET_MB * 2**20, free // FREE_MEMORY_SEARCH_SHARE)
+        return self._derived_budget[key]
+
     def search_plan(self, batch_size: int) -> SearchPlan:
         """The chunking `nearest` uses for a batch of `batch_size` latents."""
         return plan_search(batch_size, self.num_tokens, self.codebook_size, self.token_dim,
-                           int(self.search_memory_mb * 2**20), self.codebooks.element_size())
+                           self.search_budget_bytes(), self.codebooks.element_size())
 
     @torch.no_grad()
-    def nearest(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Tokens (B, T, d) -> ids (B, T) int64 of the exact nearest code per position (lowest id on ties)."""
+    def nearest(self, tokens: torch.Tensor, *, deferred: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, "ExactnessCheck"]:
+        """Tokens (B, T, d) -> ids (B, T) int64 of the exact nearest code per position (lowest id on ties).
+
+        With deferred=True, returns (ids, check) without synchronising the host: the ids are exact when
+        `check.holds()`; otherwise call again without `deferred` (module docstring).
+        """
         self._check_tokens(tokens)
         codebooks = self.codebooks.detach()
         tokens = tokens.to(codebooks.device, codebooks.dtype)
+        ids, unsure = self._scored_argmin(tokens, codebooks)
+        if deferred:
+            return ids, self._settle_on_device(tokens, ids, unsure)
+        rows, positions = unsure.nonzero(as_tuple=True)
+        if rows.numel():
+            ids[rows, positions] = self._exact_nearest(tokens[rows, positions], positions)
+        return ids
+
+    def _scored_argmin(self, tokens: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (B, T), unsure (B, T)) from the float32 scores, chunk by chunk within the budget."""
         batch = tokens.shape[0]
         ids = torch.empty(batch, self.num_tokens, dtype=torch.int64, device=codebooks.device)
         unsure = torch.zeros(batch, self.num_tokens, dtype=torch.bool, device=codebooks.device)
         plan = self.search_plan(batch)
         scores = None
-        with _full_precision(codebooks.device):
+        with ieee_float32(codebooks.device):
             for t0 in range(0, self.num_tokens, plan.positions_per_chunk):
                 t1 = min(t0 + plan.positions_per_chunk, self.num_tokens)
                 scorer = _ChunkScorer(codebooks[t0:t1], plan.block)
@@ -152,21 +248,37 @@ class MultiGroupQuantizer(nn.Module):
                     chunk_ids, chunk_unsure = scorer.argmin(tokens[b0:b1, t0:t1], scores[:size])
                     ids[b0:b1, t0:t1] = chunk_ids.T
                     unsure[b0:b1, t0:t1] = chunk_unsure.T
-        rows, positions = unsure.nonzero(as_tuple=True)
-        if rows.numel():
-            ids[rows, positions] = self._exact_nearest(tokens[rows, positions], positions)
-        return ids
+        return ids, unsure
+
+    def deferred_capacity(self) -> int:
+        """How many unsure rows a deferred search re-decides on the device (bounded by the search budget)."""
+        per_row = self.codebook_size * (self.token_dim * 20 + 8)
+        low, high = DEFERRED_CAPACITY
+        return max(low, min(high, self.search_budget_bytes() // per_row))
+
+    def _settle_on_device(self, tokens: torch.Tensor, ids: torch.Tensor, unsure: torch.Tensor) -> "ExactnessCheck":
+        """Re-decide the first `deferred_capacity()` unsure rows exactly, with shapes fixed in advance (no host
+        synchronisation); the check records whether there were more."""
+        flat = unsure.view(-1)
+        capacity = min(self.deferred_capacity(), flat.numel())
+        # the unsure rows first, in row-major order (a stable sort of the flags)
+        chosen = torch.sort(flat.to(torch.uint8), descending=True, stable=True).indices[:capacity]
+        rows, positions = chosen // self.num_tokens, chosen % self.num_tokens
+        exact = self._exact_nearest(tokens[rows, positions], positions)
+        flat_ids = ids.view(-1)
+        flat_ids[chosen] = torch.where(flat[chosen], exact, flat_ids[chosen])
+        return ExactnessCheck(flat.sum() <= capacity)
 
     def _exact_nearest(self, points: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Float64 brute force for a few (point (n, d), position (n,)) pairs; first minimum wins."""
         per_row = self.codebook_size * (self.token_dim * 20 + 8)  # gathered codes, as float64, differences, distances
-        step = max(1, int(self.search_memory_mb * 2**20) // per_row)
+        step = max(1, self.search_budget_bytes() // per_row)
         out = []
         for start in range(0, points.shape[0], step):
             x = points[start:start + step].double()  # (n, d)
             codes = self.codebooks.detach()[positions[start:start + step]].double()  # (n, K, d)
             out.append((codes - x[:, None, :]).square_().sum(-1).argmin(-1))
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=points.device)
 
     # --- initialisation and maintenance -------------------------------------------------------
 
@@ -187,10 +299,7 @@ class MultiGroupQuantizer(nn.Module):
         num = tokens.shape[0]
         if num == 0:
             raise ValueError("init_from_samples got no tokens (N = 0)")
-        if self.codebook_size > num and not allow_replacement:
-            raise ValueError(f"codebook_size K={self.codebook_size} is larger than the N={num} sample tokens, so "
-                             "the codes cannot be distinct samples; pass more tokens, a smaller codebook, or "
-                             "allow_replacement=True to accept repeated codes")
+        check_init_samples(self.codebook_size, num, allow_replacement)
         tokens = tokens.to(self.codebooks.device, self.codebooks.dtype)
         if method == "sample":
             index = torch.stack([_sample_indices(num, self.codebook_size, generator)
@@ -200,7 +309,7 @@ class MultiGroupQuantizer(nn.Module):
         elif method == "kmeans++":
             self._init_kmeans_pp(tokens, generator)
         else:
-            raise ValueError(f"method={method!r} is not one of 'sample', 'kmeans++'")
+            raise ValueError(f"method={method!r} is not one of {', '.join(INIT_METHODS)}")
 
     def _init_kmeans_pp(self, tokens: torch.Tensor, generator: torch.Generator | None) -> None:
         """D^2 seeding (Arthur & Vassilvitskii 2007) per position, positions in memory-bounded chunks."""
@@ -208,7 +317,7 @@ class MultiGroupQuantizer(nn.Module):
         # one seed per position, so the result does not depend on how positions are chunked
         seeds = torch.randint(0, 2**62, (self.num_tokens,), generator=generator).tolist()
         per_position = num * (self.token_dim * 8 + 16) + k * 8
-        step = max(1, int(self.search_memory_mb * 2**20) // per_position)
+        step = max(1, self.search_budget_bytes() // per_position)
         for t0 in range(0, self.num_tokens, step):
             t1 = min(t0 + step, self.num_tokens)
             points = tokens[:, t0:t1].transpose(0, 1).contiguous()  # (Tc, N, d)
@@ -335,25 +444,6 @@ class _ChunkScorer:
         close_codes = (winner <= threshold[:, None]).sum(1)
         unsure = (close_blocks > 1) | (close_codes > 1) | ~torch.isfinite(best)
         return best_block * self.block + within, unsure
-
-
-@contextlib.contextmanager
-def _full_precision(device: torch.device) -> Iterator[None]:
-    """No TF32/bf16 matmuls and no autocast inside the search: the error bound assumes IEEE float32.
-
-    torch has no per-call matmul precision, so this sets the process-wide one for the span of the
-    search and restores it after. That is safe because the setting is read when a kernel is
-    launched, not when it runs: kernels launched before the span keep their precision, and the
-    only launches inside it are the search's own (it runs synchronously on the calling thread;
-    DataLoader workers are separate processes and do no matmuls).
-    """
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _sample_indices(num: int, k: int, generator: torch.Generator | None) -> torch.Tensor:

@@ -3,16 +3,20 @@ quantization error, (B, C, H, W) -> (B, C, H, W) in the standardized latent spac
 
     x -> conv3x3 C->W  (+ x repeated along channels, W/C times each)   # stem with channel-repeat shortcut
       -> L x EfficientViTBlock(W, head dim, multiscale (5,), RMSNorm)  # diffusers' DC-AE block
-      -> RMSNorm (channel-wise) -> ReLU -> conv3x3 W->C                 # head
-    residual=True: output = x + head(...), with the last conv zero-initialised (starts as the identity);
-    residual=False: output = head(...), the reference's plain form.
+      -> RMSNorm (channel-wise) -> ReLU -> conv3x3 W->C = h             # head
+    residual=True:  output = x + g h, the last conv zero-initialised (starts as the identity);
+    residual=False: output = g h + (1 - g) x, the reference's plain form h when g = 1.
 
-The blocks are diffusers' own modules (their parameters, names and checkpoints), but `forward` evaluates
+g is the gate, a scalar buffer (1 unless fitted): training fits it after every epoch in closed form on
+held-out training latents (stages/train_loop.fit_gate), so that the rectified latent is never worse than
+the quantized one there. At g = 1 both formulas give exactly the ungated output.
+
+The blocks are diffusers' own modules (their parameters, names and checkpoints), but `forward` can evaluate
 them channels-last, (B, H, W, C): every 1x1 conv becomes one matmul over B*H*W rows and the depthwise
-convs run on channels-last memory, which mkldnn does 2x faster than NCHW; diffusers' forward moves the
-channel axis back and forth around every norm and linear layer instead. On the 512T rectifier at batch 64
-this makes the CPU forward + backward 1.1-1.2x faster (benchmarks/bench_train_step.py). `forward_reference`
-is diffusers' own NCHW forward: the definition the tests hold `forward` to (values and gradients).
+convs run on channels-last memory, where diffusers' forward moves the channel axis back and forth around
+every norm and linear layer (the speed of each form: docs/cli.md, "Rectifier forward"). `forward_diffusers`
+is diffusers' own NCHW forward: the definition the tests hold the channels-last form to (values and
+gradients), and the form `forward="auto"` takes off the CPU.
 """
 
 from __future__ import annotations
@@ -69,15 +73,28 @@ class EfficientViTRectifier(nn.Module):
         if residual:
             nn.init.zeros_(self.conv_out.weight)
             nn.init.zeros_(self.conv_out.bias)
+        self.register_buffer("residual_gate", torch.ones(()))  # g: fitted by training, saved with the weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, C, H, W), the blocks evaluated channels-last or by diffusers' forward."""
+        return self._gated(x, self._correction_head(x))
+
+    def correction(self, x: torch.Tensor) -> torch.Tensor:
+        """d with output = x + g d: what the gate scales (the head's output h, or h - x for the plain form)."""
+        h = self._correction_head(x)
+        return h if self.residual else h - x
+
+    def _correction_head(self, x: torch.Tensor) -> torch.Tensor:
         if not self._channels_last(x):
-            return self.forward_reference(x)
+            return self._head(self._diffusers_features(x))
         h = _to_nhwc(self._stem(x)).contiguous()  # (B, H, W, width)
         for block in self.blocks:
             h = _glumbconv_nhwc(block.conv_out, _linear_attention_nhwc(block.attn, h))
-        return self._head(x, h)
+        return self._head(h)
+
+    def _gated(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        gate = self.residual_gate.to(h.dtype)
+        return x + gate * h if self.residual else gate * h + (1 - gate) * x
 
     def _channels_last(self, x: torch.Tensor) -> bool:
         if x.shape[-2] * x.shape[-1] <= self.head_dim:  # diffusers switches to quadratic attention here
@@ -86,21 +103,28 @@ class EfficientViTRectifier(nn.Module):
             return x.device.type == "cpu"
         return self.forward_impl == "channels_last"
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_diffusers(self, x: torch.Tensor) -> torch.Tensor:
         """The same function through diffusers' own (NCHW) block forward."""
+        return self._gated(x, self._head(self._diffusers_features(x)))
+
+    def _diffusers_features(self, x: torch.Tensor) -> torch.Tensor:
         h = self._stem(x)
         for block in self.blocks:
             h = block(h)
-        return self._head(x, _to_nhwc(h))
+        return _to_nhwc(h)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_in(x) + x.repeat_interleave(self.repeats, dim=1)  # (B, width, H, W)
 
-    def _head(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Channels-last features (B, H, W, width) -> the output (B, C, H, W)."""
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        """Channels-last features (B, H, W, width) -> the head's output h (B, C, H, W)."""
         h = self.act_out(self.norm_out(h))  # RMSNorm over channels
-        h = self.conv_out(_to_nchw(h)).contiguous()  # (B, C, H, W)
-        return x + h if self.residual else h
+        return self.conv_out(_to_nchw(h)).contiguous()  # (B, C, H, W)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # tokenizers saved before the gate existed, and the reference's checkpoints, have none: g = 1
+        state_dict.setdefault(prefix + "residual_gate", torch.ones(()))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _to_nchw(h: torch.Tensor) -> torch.Tensor:

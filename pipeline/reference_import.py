@@ -353,9 +353,10 @@ def quantizer_codebooks(state: dict[str, Any], geometry: ReferenceGeometry, wher
 
 def rectifier_state(decoder: dict[str, Any], rectifier: torch.nn.Module, geometry: ReferenceGeometry,
                     where: str | Path) -> dict[str, torch.Tensor]:
-    """The DCAEDecoder state dict renamed for `rectifier`; every key and shape must match the yaml's rectifier."""
+    """The DCAEDecoder state dict renamed for `rectifier`; every parameter and shape must match the yaml's
+    rectifier (the gate, which the reference does not have, loads as 1: pipeline/rectifier.py)."""
     _expect(isinstance(decoder, dict), where, "'decoder' is not a state dict")
-    expected = {k: tuple(v.shape) for k, v in rectifier.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in rectifier.named_parameters()}
     mapped = {rectifier_key(k): k for k in decoder if rectifier_key(k) in expected}
     unknown = sorted(k for k in decoder if rectifier_key(k) not in expected)
     missing = sorted(k for k in expected if k not in mapped)
@@ -406,8 +407,7 @@ def vae_identity_and_recipe(geometry: ReferenceGeometry, vae: "FrozenVAE | None"
 # --- the import -------------------------------------------------------------------------------
 
 
-def import_reference(files: ReferenceFiles, *, source: str, vae: "FrozenVAE | None" = None,
-                     search_memory_mb: float = 256) -> RevqTokenizer:
+def import_reference(files: ReferenceFiles, *, source: str, vae: "FrozenVAE | None" = None) -> RevqTokenizer:
     """Build a RevqTokenizer from a published tokenizer's files.
 
     Args:
@@ -415,7 +415,6 @@ def import_reference(files: ReferenceFiles, *, source: str, vae: "FrozenVAE | No
         source: where they came from (a hub id or a local folder), recorded in the provenance.
         vae: the VAE the tokenizer was trained on, to record its identity (weights hash); None names the
             reference's DC-AE without a hash.
-        search_memory_mb: the quantizer's nearest-neighbour memory budget.
     """
     reference = read_reference_config(files.config)
     geometry = reference_geometry(reference, files.config, vae)
@@ -427,8 +426,7 @@ def import_reference(files: ReferenceFiles, *, source: str, vae: "FrozenVAE | No
     rectifier = build_rectifier(spec, geometry.latent_shape[0])
     rectifier.load_state_dict(rectifier_state(checkpoint["decoder"], rectifier, geometry, where), strict=True)
     mean, std = load_reference_preprocessor(files.preprocessor, geometry)
-    quantizer = MultiGroupQuantizer(geometry.latent_shape, geometry.num_tokens, geometry.codebook_size,
-                                    search_memory_mb=search_memory_mb)
+    quantizer = MultiGroupQuantizer(geometry.latent_shape, geometry.num_tokens, geometry.codebook_size)
     with torch.no_grad():
         quantizer.codebooks.copy_(codebooks)
     vae_identity, image_recipe, vae_note = vae_identity_and_recipe(geometry, vae)

@@ -53,7 +53,6 @@ class TokenizerConfig:
         rectifier: the rectifier's spec.
         vae: identity {"source", "class", "weights_sha256"} of the VAE whose latents it was made for.
         image: the recipe {"resolution", "resize", "crop", "value_range"} of the VAE's inputs.
-        search_memory_mb: working-set budget of the nearest-code search.
         provenance: where the tokenizer came from (the training caches and run, or an imported
             checkpoint with its file hashes); recorded, never interpreted.
     """
@@ -65,12 +64,21 @@ class TokenizerConfig:
     rectifier: RectifierSpec
     vae: dict[str, Any]
     image: dict[str, Any]
-    search_memory_mb: float = 256
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": TOKENIZER_FORMAT, "format_version": TOKENIZER_FORMAT_VERSION,
                 "package_version": package_version(), **dataclasses.asdict(self)}
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> "TokenizerConfig":
+        """The config.json of a tokenizer folder (FileNotFoundError naming what is missing)."""
+        directory = Path(directory)
+        for path in (directory / CONFIG_NAME, directory / WEIGHTS_NAME):
+            if not path.is_file():
+                raise FileNotFoundError(f"no tokenizer at {directory} ({path.name} is missing); point at the "
+                                        "tokenizer/ folder of a finished `revq-pipe train` run")
+        return cls.from_json(json.loads((directory / CONFIG_NAME).read_text()), str(directory / CONFIG_NAME))
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "TokenizerConfig":
@@ -157,15 +165,14 @@ class RevqTokenizer(nn.Module):
         return TokenizerConfig(latent_shape=self.latent_shape, num_tokens=self.num_tokens,
                                codebook_size=self.codebook_size, token_dim=self.token_dim,
                                rectifier=self.rectifier_spec, vae=self.vae_identity, image=self.image_recipe,
-                               search_memory_mb=self.quantizer.search_memory_mb, provenance=self.provenance)
+                               provenance=self.provenance)
 
     @classmethod
     def from_config(cls, config: TokenizerConfig, vae: "FrozenVAE | str | None" = None) -> "RevqTokenizer":
         """An untrained tokenizer of the config's shapes (unit statistics, random codes, fresh rectifier)."""
         shape = tuple(config.latent_shape)
         return cls(LatentNormalizer(torch.zeros(shape), torch.ones(shape)),
-                   MultiGroupQuantizer(shape, config.num_tokens, config.codebook_size,
-                                       search_memory_mb=config.search_memory_mb),
+                   MultiGroupQuantizer(shape, config.num_tokens, config.codebook_size),
                    build_rectifier(config.rectifier, shape[0]), rectifier_spec=config.rectifier,
                    vae_identity=config.vae, image_recipe=config.image, provenance=config.provenance, vae=vae)
 
@@ -173,15 +180,9 @@ class RevqTokenizer(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, *, vae: "FrozenVAE | str | None" = None,
                         device: str | torch.device = "auto") -> "RevqTokenizer":
         """Load a tokenizer folder written by `save_pretrained` (for example RUN/tokenizer)."""
-        directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"no tokenizer at {directory} ({path.name} is missing); point at the "
-                                        "tokenizer/ folder of a finished `revq-pipe train` run")
-        config = TokenizerConfig.from_json(json.loads(config_path.read_text()), str(config_path))
+        config = TokenizerConfig.read(directory)
         tokenizer = cls.from_config(config, vae=vae)
-        tokenizer.load_state_dict(load_file(weights_path, device="cpu"), strict=True)
+        tokenizer.load_state_dict(load_file(Path(directory) / WEIGHTS_NAME, device="cpu"), strict=True)
         return tokenizer.to(device if isinstance(device, torch.device) else resolve_device(device)).eval()
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -299,14 +300,41 @@ class RevqTokenizer(nn.Module):
 
     # --- images <-> ids -----------------------------------------------------------------------
 
+    # What images go through: the one place that decides the VAE and the image side (the Python API and
+    # every command that takes a run ask these two).
+
+    def vae_source(self, named: str | None = None) -> str:
+        """The VAE for images: `named` (a local folder or hub id) when given, else the one the tokenizer records.
+
+        A named VAE is still checked against the recorded weights hash when it is attached.
+        """
+        source = named or self.vae_identity.get("source")
+        if not source:
+            raise ValueError("this tokenizer records no VAE (it was trained on latents of an unnamed VAE, an imported "
+                             "cache); name the VAE those latents came from: vae='folder or hub id' in Python, "
+                             "--vae PATH_OR_ID on the command line")
+        return source
+
+    def image_resolution(self, named: int | None = None, what: str = "resolution") -> int:
+        """The image side of the VAE's inputs: the tokenizer's recorded recipe. A `named` side (called `what` in
+        messages) must agree with it, since the codebooks were trained on latents of images of that side; it is
+        used only when no recipe is recorded (a tokenizer trained on imported latents)."""
+        recorded = self.image_recipe.get("resolution")
+        if recorded is None:
+            if named is None:
+                raise ValueError("this tokenizer records no image resolution (it was trained on imported latents); "
+                                 "its image recipe is unknown, so it can only work on latents")
+            return int(named)
+        if named is not None and int(named) != int(recorded):
+            raise ValueError(f"{what}={named} cannot be honoured: this tokenizer's image recipe is {int(recorded)} px "
+                             f"(its codebooks and rectifier were trained on latents of {int(recorded)} px images); "
+                             f"leave {what} out, or train a tokenizer on a cache encoded at {named} px")
+        return int(recorded)
+
     @property
     def resolution(self) -> int:
         """The image side the tokenizer's VAE inputs were made at (from its recorded recipe)."""
-        resolution = self.image_recipe.get("resolution")
-        if resolution is None:
-            raise ValueError("this tokenizer records no image resolution (it was trained on imported latents); "
-                             "its image recipe is unknown, so it can only work on latents")
-        return int(resolution)
+        return self.image_resolution()
 
     def images_to_model_input(self, images: Any, value_range: tuple[float, float] | None = None) -> torch.Tensor:
         """What users hold (PIL images, HWC uint8 arrays, uint8 or [-1, 1] tensors) -> (B, 3, R, R) in
@@ -347,11 +375,7 @@ class RevqTokenizer(nn.Module):
         if self._vae is None:
             from revq_pipe.pipeline.vae import FrozenVAE
 
-            source = self._vae_source or self.vae_identity.get("source")
-            if not source:
-                raise ValueError("this tokenizer was trained on latents of an unnamed VAE (imported cache); "
-                                 "pass vae=FrozenVAE.load(...) or vae='folder or hub id' to from_pretrained")
-            self.attach_vae(FrozenVAE.load(source, device=self.device))
+            self.attach_vae(FrozenVAE.load(self.vae_source(self._vae_source), device=self.device))
         return self._vae
 
     def attach_vae(self, vae: "FrozenVAE") -> None:

@@ -18,7 +18,8 @@ import torch
 from diffusers import AutoencoderDC, AutoencoderKL
 
 from revq_pipe.pipeline.device import resolve_device
-from revq_pipe.pipeline.hub import hub_unreachable_reason
+from revq_pipe.pipeline.hub import hub_unreachable_reason, quiet_hub
+from revq_pipe.pipeline.precision import check_precision, job_precision
 
 VAE_CLASSES = {"AutoencoderDC": AutoencoderDC, "AutoencoderKL": AutoencoderKL}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -33,21 +34,22 @@ class FrozenVAE:
         model: the diffusers autoencoder.
         source: the local folder or hub id it was loaded from (recorded in caches).
         device: where it runs.
-        autocast_bf16: run encode/decode under bfloat16 autocast (CUDA only; ignored on CPU).
+        precision: the math of encode/decode, a pipeline/precision.py policy: "fp32" (IEEE float32, the
+            evaluation protocol's), "tf32", or "bf16" (the whole autoencoder under bfloat16 autocast).
     """
 
     def __init__(self, model: AutoencoderDC | AutoencoderKL, source: str, device: torch.device,
-                 autocast_bf16: bool = True) -> None:
+                 precision: str = "fp32") -> None:
         self.model = model.eval().requires_grad_(False)
         self.source = source
         self.device = device
-        self.autocast_bf16 = autocast_bf16
+        self.precision = check_precision(precision)
         self.class_name = type(model).__name__
         self._weights_sha256 = _weights_sha256(model)  # before moving it, so the hash never depends on the device
         self.model.to(device)
 
     @classmethod
-    def load(cls, source: str, device: str | torch.device = "auto", autocast_bf16: bool = True) -> "FrozenVAE":
+    def load(cls, source: str, device: str | torch.device = "auto", precision: str = "fp32") -> "FrozenVAE":
         """Load from a local folder (a VAE folder or a pipeline folder with vae/) or a hub id.
 
         A local folder is recorded as its absolute, resolved path, so caches and tokenizers made with
@@ -56,7 +58,7 @@ class FrozenVAE:
         device = device if isinstance(device, torch.device) else resolve_device(device)
         resolved = resolve_vae_source(source)
         model = _load_hub(resolved) if is_hub_id(resolved) else _load_local(Path(resolved))
-        return cls(model, source=resolved, device=device, autocast_bf16=autocast_bf16)
+        return cls(model, source=resolved, device=device, precision=precision)
 
     @property
     def identity(self) -> dict:
@@ -90,7 +92,7 @@ class FrozenVAE:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) in [-1, 1] -> float32 latents (B, C, R/f, R/f) on the VAE's device."""
         x = images.to(self.device, torch.float32)
-        with self._autocast():
+        with self._math():
             if self.class_name == "AutoencoderKL":
                 latents = self.model.encode(x).latent_dist.mode()
             else:
@@ -101,14 +103,18 @@ class FrozenVAE:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) latents -> float32 images (B, 3, R, R), roughly in [-1, 1] (not clamped)."""
         z = latents.to(self.device, torch.float32)
-        with self._autocast():
+        with self._math():
             images = self.model.decode(z).sample
         return images.float()
 
-    def _autocast(self):
-        if self.autocast_bf16 and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _math(self):
+        with job_precision(self.precision):
+            if self.precision == "bf16":
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    yield
+            else:
+                yield
 
 
 def is_hub_id(source: str) -> bool:
@@ -161,7 +167,8 @@ def _load_hub(repo_id: str) -> AutoencoderDC | AutoencoderKL:
             error = ConnectionError(offline)  # fail now instead of after huggingface_hub's retries
             break
         try:
-            config = AutoencoderDC.load_config(repo_id, local_files_only=local_files_only)
+            with quiet_hub():
+                config = AutoencoderDC.load_config(repo_id, local_files_only=local_files_only)
             break
         except Exception as failure:  # hub and network errors come in many types; all mean "not loadable"
             error = failure
@@ -172,7 +179,8 @@ def _load_hub(repo_id: str) -> AutoencoderDC | AutoencoderKL:
             f"download it elsewhere with `huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and "
             "pass --vae DIR")
     model_class = _vae_class(dict(config), repo_id)
-    return model_class.from_pretrained(repo_id, low_cpu_mem_usage=False, local_files_only=local_files_only)
+    with quiet_hub():
+        return model_class.from_pretrained(repo_id, low_cpu_mem_usage=False, local_files_only=local_files_only)
 
 
 def _vae_class(config: dict, where: str) -> type:

@@ -1,18 +1,21 @@
 """One typed configuration for every command.
 
-Precedence, lowest first: the dataclass defaults below (or, for a command given a training run,
-the config that run recorded), a YAML preset (`--config`), `--set key.sub=value` overrides, then
+Precedence, lowest first: the dataclass defaults below (the embedded demo; or, for a command given a
+training run, what that run recorded: stages/run_dir.py `run_base_config`), a YAML preset (`--config`, a
+file or a shipped preset by name; a preset may `extends:` another), `--set key.sub=value` overrides, then
 explicit command-line flags. A flag the user did not pass arrives here as None and never overrides
-anything. Unknown keys are an error.
+anything. Unknown keys are an error. Each setting lives in the section of the command that uses it.
 
-Every location is resolved once, here: "{root}" is filled in and local paths become absolute, so
-what a run or a cache records works from any directory. URLs (s3://, gs://, ...) stay as they are.
+Every location is resolved once, here: "{root}" (paths.root) and then "{run}" (train.run) are filled in
+and local paths become absolute, so what a run or a cache records works from any directory. URLs (s3://,
+gs://, ...) stay as they are; a URL that lost a slash ("s3:/b/k") is refused.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.resources
 import os
 import types
 import typing
@@ -23,9 +26,11 @@ from typing import Any
 import yaml
 
 from revq_pipe.cache import storage
+from revq_pipe.cache.schema import LATENT_DTYPES
 from revq_pipe.cache.storage import is_url
 from revq_pipe.pipeline.files import atomic_write_text
-from revq_pipe.pipeline.rectifier_spec import FORWARDS, KINDS, RectifierSpec
+from revq_pipe.pipeline.choices import INIT_METHODS, PRECISIONS, RESIDENCY
+from revq_pipe.pipeline.rectifier_spec import RectifierSpec
 
 
 class ConfigError(ValueError):
@@ -53,19 +58,22 @@ class DataConfig:
     resolution: int = 64
 
 
-# The embedded demo's VAE, shipped in the repository (stages/ sits one level below its root).
-DEMO_VAE = str(Path(__file__).resolve().parents[1] / "demo" / "vae")
+# The embedded demo's VAE and the presets are package data (demo/vae/, configs/*.yaml): found where the
+# package is installed, from a wheel or a checkout, never relative to the current folder.
+DEMO_VAE = str(importlib.resources.files("revq_pipe.demo").joinpath("vae"))
+PRESETS = importlib.resources.files("revq_pipe.configs")
 
 # Settings that name a local file or folder (or a URL); made absolute by load_config.
 PATH_KEYS = ("paths.root", "data.train_images", "data.val_images", "data.train_cache", "data.val_cache",
-             "train.run", "train.init_from", "train.push_to", "eval.fid_weights", "eval.lpips_weights", "tokenize.out")
+             "train.run", "train.init_from", "train.push_to", "eval.fid_weights", "eval.lpips_weights", "tokenize.out",
+             "prior.run", "prior.train_tokens", "prior.val_tokens")
 
 
 @dataclass
 class VaeConfig:
     source: str = DEMO_VAE  # a local folder or a hub id
     device: str = "auto"
-    autocast_bf16: bool = True  # only takes effect on CUDA
+    precision: str = "fp32"  # fp32 | tf32 | bf16: the encoder's and decoder's math (pipeline/precision.py)
 
 
 @dataclass
@@ -76,39 +84,48 @@ class EncodeConfig:
     latent_dtype: str = "float16"
 
 
+# The built-in defaults are one coherent setting, the embedded demo (README "The embedded demo"): its images
+# and caches under paths.root, its VAE, and a model sized for ~2,048 training latents of 32x8x8 on 2 CPU cores:
+# 256 tokens of d=8 (one row of one channel), 256 codes per position (at most the number of training latents,
+# which the codebook init draws from), a one-block rectifier 128 wide (RectifierSpec), 10 epochs. The ImageNet
+# presets (configs/512T.yaml, ...) set the paper's sizes and recipe on top.
 @dataclass
 class QuantizerConfig:
-    num_tokens: int = 512
-    codebook_size: int = 16384
+    num_tokens: int = 256
+    codebook_size: int = 256
     init: str = "sample"
     reset: bool = True
     reset_fraction: float = 0.2
     reset_noise: float = 0.1
-    search_memory_mb: int = 256
+    search_memory_mb: float = 0  # the search's working set on this machine; 0 = derived from the device
 
 
 @dataclass
 class TrainConfig:
     run: str = "{root}/runs/demo"
-    epochs: int = 100
-    batch_size: int = 256
+    epochs: int = 10
+    batch_size: int = 128
     codebook_lr: float = 1e-2
     codebook_weight_decay: float = 0.0
     rectifier_lr: float = 5e-4
     rectifier_weight_decay: float = 1e-4
     final_lr_fraction: float = 0.05
+    gate: bool = True  # fit the rectifier's gate on held-out training latents: never worse than quantized
+    gate_holdout: int = 0  # training latents held out for the gate; 0 = 2% of the split, 32..10,000
     rectifier_warmup_steps: int = 100  # rectifier lr ramp, at most one epoch, residual form only (train_loop)
     grad_clip: float = 1.0
     seed: int = 0
     device: str = "auto"
-    bf16: bool = True
+    precision: str = "fp32"  # fp32 | tf32 | bf16 (pipeline/precision.py); the codebook search is always fp32
+    deterministic: bool = False  # deterministic CUDA kernels (slower); results are exact-resumable either way
     compile: bool = False
-    data_on_device: str = "auto"
+    data_on_device: str = "auto"  # where the split is read from; never changes which batches training sees
+    shuffle_window: int = 65536  # samples per window of the epoch order (cache/loader.py); 0 = whole split
     allow_small_cache: bool = False
     init_from: str = ""  # a tokenizer folder to start codebooks, rectifier (and statistics) from
     init_statistics: bool = True  # with init_from: keep the tokenizer's normalizer statistics
     push_to: str = ""  # a URL (or folder) the finished tokenizer/ is copied to; the run itself stays local
-    log_every: int = 50
+    log_every: int = 8
 
 
 @dataclass
@@ -118,24 +135,70 @@ class EvalConfig:
     fid_weights: str = ""
     lpips_weights: str = ""
     grid_images: int = 8
+    num_workers: int = 2  # image decoding processes
 
 
 @dataclass
 class TokenizeConfig:
-    out: str = "{root}/tokens/{split}.zarr"
+    out: str = "{run}/tokens/{split}.zarr"  # beside the run ({run} is train.run); {split} is the stage's to fill
     batch_size: int = 64
+    num_workers: int = 2  # image decoding processes
+    chunk_size: int = 256  # inputs per work unit and rows per Zarr chunk of the token store
+    augment: str = "none"  # views stored per image: none, flip, ten-crop (pipeline/views.py)
+
+
+# --- the token prior (stages/prior.py, docs/generation.md) --------------------------------------
+@dataclass
+class PriorConfig:
+    run: str = "{root}/runs/prior-demo"
+    train_tokens: str = "{run}/tokens/train-flip.zarr"  # where `revq-pipe tokenize` writes, beside the tokenizer's run
+    val_tokens: str = "{run}/tokens/val.zarr"
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    code_width: int = 128  # width of the maps from codebook vectors to input embeddings and output scores
+    epochs: int = 10
+    batch_size: int = 64  # the global batch, split evenly across ranks
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.1  # cosine decay from lr to this fraction of it by the last step
+    grad_clip: float = 1.0
+    class_dropout: float = 0.1  # rate at which the class is replaced by the null class (guidance)
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | tf32 | bf16 (the transformer under bfloat16 autocast); pipeline/precision.py
+    log_every: int = 50
+    cfg_scale: float = 2.0  # classifier-free guidance of samples (1.0 = none)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 samples among all K codes
+    eval_samples_per_class: int = 32
+    cas_epochs: int = 10  # epochs of the CAS classifier on the real train images
+    cas_max_train_images: int = 0  # 0 = all; else an evenly spaced subset of that many
+# --- end of the token prior ----------------------------------------------------------------------
 
 
 @dataclass
 class ToleranceConfig:
     sigmas: list[float] = field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0])
     limit: int = 256
+    batch_size: int = 32
+    num_workers: int = 2  # image decoding processes
+    seed: int = 0  # the one noise draw shared by every sigma
+    # rFID and LPIPS on the curve use the evaluation's metric networks: eval.fid_weights, eval.lpips_weights
+
+
+@dataclass
+class DistConfig:
+    # how long a collective waits for the other ranks before the job stops, naming the phase it was in
+    timeout_minutes: float = 60.0
 
 
 @dataclass
 class RevqConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     data: DataConfig = field(default_factory=DataConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
@@ -145,6 +208,7 @@ class RevqConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     tolerance: ToleranceConfig = field(default_factory=ToleranceConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec options for every URL location (an explicit endpoint; credentials from the standard places)."""
@@ -152,11 +216,13 @@ class RevqConfig:
 
 
 CHOICES = {
-    "quantizer.init": ("sample", "kmeans++"),
-    "rectifier.kind": KINDS,
-    "rectifier.forward": FORWARDS,
-    "train.data_on_device": ("auto", "always", "never"),
-    "encode.latent_dtype": ("float16", "float32"),
+    "quantizer.init": INIT_METHODS,
+    "train.data_on_device": RESIDENCY,
+    "train.precision": PRECISIONS,
+    "vae.precision": PRECISIONS,
+    "encode.latent_dtype": LATENT_DTYPES,
+    "tokenize.augment": ("none", "flip", "ten-crop"),
+    "prior.precision": PRECISIONS,
 }
 
 
@@ -169,10 +235,10 @@ def load_config(
     """Resolve defaults (or `base`, e.g. a run's recorded config) < YAML < --set < flags into one config."""
     cfg = copy.deepcopy(base) if base is not None else RevqConfig()
     if config_file is not None:
-        _apply_mapping(cfg, _read_yaml(Path(config_file)), origin=str(config_file))
+        _apply_preset(cfg, find_config(config_file), chain=())
     for item in overrides or []:
         key, value = _split_override(item)
-        _assign(cfg, key, yaml.safe_load(value), origin=f"--set {item}")
+        _assign(cfg, key, _yaml(value, f"--set {item}"), origin=f"--set {item}")
     for key, value in (flags or {}).items():
         if value is not None:
             _assign(cfg, key, value, origin=f"flag for {key}")
@@ -213,13 +279,72 @@ def config_from_dict(data: dict[str, Any], origin: str = "dict") -> RevqConfig:
 # --- internals ------------------------------------------------------------------------
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass --config with a YAML preset such as configs/demo.yaml")
-    data = yaml.safe_load(path.read_text()) or {}
+def preset_names() -> list[str]:
+    """The shipped presets, by name ("_name.yaml" is a base that presets extend, not a preset of its own)."""
+    return sorted(f.name[:-len(".yaml")] for f in PRESETS.iterdir()
+                  if f.name.endswith(".yaml") and not f.name.startswith("_"))
+
+
+def find_config(name_or_path: str | os.PathLike, relative_to: Any = None) -> Any:
+    """The YAML file `--config` (or an `extends:`) names: an existing file, else a shipped preset by name.
+
+    A relative path is taken against the current folder, or for an `extends:` against the folder of the
+    file that says it (`relative_to`). Returns a Path, or the Traversable of a shipped preset.
+    """
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / text
+    if path.is_file():
+        return path.resolve()
+    stem = text[:-len(".yaml")] if text.endswith(".yaml") else text
+    if "/" not in stem and PRESETS.joinpath(f"{stem}.yaml").is_file():
+        return PRESETS.joinpath(f"{stem}.yaml")
+    shipped = Path(stem).name
+    hint = (f"; the shipped preset of that name is --config {shipped}" if shipped in preset_names() else "")
+    where = path if relative_to is not None else Path(os.path.abspath(path))
+    raise ConfigError(f"config {text!r} is no file (nothing at {where}) and no shipped preset{hint}. Pass --config "
+                      f"with a YAML file, or a preset by name: {', '.join(preset_names())}")
+
+
+EXTENDS = "extends"  # a preset's top-level key naming the preset (or file) it builds on
+
+
+def _apply_preset(cfg: RevqConfig, source: Any, chain: tuple[str, ...]) -> None:
+    """Apply a YAML preset: first the one it `extends` (recursively), then its own sections."""
+    origin = str(source)
+    if origin in chain:
+        raise ConfigError(f"{origin}: '{EXTENDS}' makes a cycle ({' -> '.join([*chain, origin])}); remove one link")
+    data = _yaml(source.read_text(), f"config file {origin}") or {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
+        raise ConfigError(f"config file {origin} must hold a mapping of sections, got {type(data).__name__}")
+    parent = data.pop(EXTENDS, None)
+    if parent is not None:
+        if not isinstance(parent, str) or not parent:
+            raise ConfigError(f"{origin}: '{EXTENDS}' must name one preset or YAML file, got {parent!r}")
+        _apply_preset(cfg, find_config(parent, relative_to=_parent_of(source)), (*chain, origin))
+    _apply_mapping(cfg, data, origin=origin)
+
+
+def _parent_of(source: Any) -> Any:
+    """The folder of a preset file (a Path, or the shipped presets' Traversable)."""
+    return source.parent if isinstance(source, Path) else PRESETS
+
+
+def override_keys(overrides: list[str] | None) -> set[str]:
+    """The keys a list of `--set key=value` items names."""
+    return {_split_override(item)[0] for item in overrides or []}
+
+
+def _yaml(text: str, what: str) -> Any:
+    """Parsed YAML, or a ConfigError that names `what` and the first line of the parser's message."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{what} is not valid YAML ({getattr(error, 'problem', None) or error}{where}); fix it "
+                          "(a --set value is read as YAML: quote a string that YAML reads otherwise)") from None
 
 
 def _split_override(item: str) -> tuple[str, str]:
@@ -292,15 +417,12 @@ def _coerce(value: Any, hint: Any, dotted: str, origin: str) -> Any:
 
 
 def _resolve_locations(cfg: RevqConfig) -> None:
-    """Fill "{root}" in every string setting ("{split}" is left for the stage) and make local paths
-    absolute; a VAE source becomes absolute only when it is an existing local folder (else it may be
-    a hub id, which FrozenVAE.load tells apart)."""
-    for section_field in dataclasses.fields(cfg):
-        section = getattr(cfg, section_field.name)
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if isinstance(value, str) and "{root}" in value:
-                setattr(section, f.name, value.replace("{root}", cfg.paths.root))
+    """Fill "{root}" (paths.root) and then "{run}" (train.run) in every string setting ("{split}" is left for
+    the stage) and make local paths absolute; a VAE source becomes absolute only when it is an existing local
+    folder (else it may be a hub id, which FrozenVAE.load tells apart)."""
+    _fill(cfg, "{root}", cfg.paths.root)
+    cfg.train.run = absolute_location(cfg.train.run)
+    _fill(cfg, "{run}", cfg.train.run)
     for dotted in PATH_KEYS:
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -309,10 +431,27 @@ def _resolve_locations(cfg: RevqConfig) -> None:
         cfg.vae.source = absolute_location(cfg.vae.source)
 
 
+def _fill(cfg: RevqConfig, placeholder: str, value: str) -> None:
+    for section_field in dataclasses.fields(cfg):
+        section = getattr(cfg, section_field.name)
+        for f in dataclasses.fields(section):
+            text = getattr(section, f.name)
+            if isinstance(text, str) and placeholder in text:
+                setattr(section, f.name, text.replace(placeholder, value))
+
+
 def absolute_location(value: str) -> str:
-    """A URL or "" as it is; a local path (or glob / brace pattern) made absolute against the current folder."""
+    """A URL or "" as it is; a local path (or glob / brace pattern) made absolute against the current folder.
+
+    A URL that lost a slash ("s3:/bucket/key", what pathlib makes of "s3://bucket/key") is refused, never
+    made into a local folder of that name.
+    """
     if not value or is_url(value):
         return value
+    try:
+        storage.local_path(value)
+    except storage.StorageError as error:
+        raise ConfigError(str(error)) from None
     return os.path.abspath(os.path.expanduser(value))
 
 
@@ -322,10 +461,16 @@ def _validate(cfg: RevqConfig) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
+    try:
+        cfg.rectifier.check()  # the spec's own rules (pipeline/rectifier_spec.py), the ones the rectifier builds by
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     positive = [
         "data.resolution", "encode.batch_size", "encode.chunk_size", "quantizer.num_tokens",
-        "quantizer.codebook_size", "rectifier.width", "rectifier.depth", "rectifier.head_dim",
-        "train.epochs", "train.batch_size", "eval.batch_size", "tokenize.batch_size",
+        "quantizer.codebook_size", "train.epochs", "train.batch_size", "eval.batch_size", "tokenize.batch_size",
+        "tokenize.chunk_size", "tolerance.batch_size", "dist.timeout_minutes",
+        "prior.width", "prior.depth", "prior.heads", "prior.code_width", "prior.epochs", "prior.batch_size",
+        "prior.lr", "prior.temperature", "prior.eval_samples_per_class", "prior.cas_epochs",
     ]
     for dotted in positive:
         section, key = dotted.split(".")
@@ -334,5 +479,17 @@ def _validate(cfg: RevqConfig) -> None:
             raise ConfigError(f"{dotted}={value} must be positive")
     if not 0.0 < cfg.train.final_lr_fraction <= 1.0:
         raise ConfigError(f"train.final_lr_fraction={cfg.train.final_lr_fraction} must be in (0, 1]")
+    if cfg.train.shuffle_window < 0:
+        raise ConfigError(f"train.shuffle_window={cfg.train.shuffle_window} must be 0 (the whole split) or a "
+                          "number of samples")
+    if cfg.train.gate_holdout < 0:
+        raise ConfigError(f"train.gate_holdout={cfg.train.gate_holdout} must be 0 (automatic) or a number of latents")
     if not 0.0 <= cfg.quantizer.reset_fraction <= 1.0:
         raise ConfigError(f"quantizer.reset_fraction={cfg.quantizer.reset_fraction} must be in [0, 1]")
+    if not 0.0 <= cfg.prior.class_dropout < 1.0 or not 0.0 < cfg.prior.final_lr_fraction <= 1.0:
+        raise ConfigError(f"prior.class_dropout={cfg.prior.class_dropout} must be in [0, 1) and prior.final_lr_fraction="
+                          f"{cfg.prior.final_lr_fraction} in (0, 1]")
+    if cfg.prior.top_k < 0 or cfg.prior.cas_max_train_images < 0 or cfg.prior.warmup_steps < 0:
+        raise ConfigError(f"prior.top_k={cfg.prior.top_k}, prior.cas_max_train_images="
+                          f"{cfg.prior.cas_max_train_images} and prior.warmup_steps={cfg.prior.warmup_steps} "
+                          "must be 0 or more")

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from revq_pipe.stages.launch import launch
+
 console = Console(stderr=True)
 
 
 def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return launch().is_main
 
 
 def log(message: str) -> None:

@@ -364,25 +364,47 @@ class UnitOutputs:
     skipped: list[tuple[str, str]]  # (key, reason) of unreadable inputs
 
 
-def map_units(dataset: ImageDataset, writer, units: list[int], fn: Callable[[torch.Tensor], np.ndarray], *,
-              batch_size: int, resolution: int, num_workers: int, device: torch.device,
-              output_shape: tuple[int, ...], output_dtype) -> Iterator[UnitOutputs]:
-    """Apply `fn` (images (B, 3, R, R) -> array (B, ...)) to every readable input of `units`, in the
-    writer's fixed per-unit batches (writer.unit_batches), and yield each unit once its last batch
-    has arrived. One DataLoader feeds all units in order (encode and tokenize share this)."""
+class _HostCopy:
+    """A batch's outputs on their way to host memory: from an accelerator a non-blocking copy into pinned
+    memory, waited for only when the unit is complete (no host sync per batch)."""
+
+    def __init__(self, outputs: torch.Tensor | np.ndarray) -> None:
+        self._ready = None
+        if isinstance(outputs, torch.Tensor) and outputs.is_cuda:
+            self._host = torch.empty(outputs.shape, dtype=outputs.dtype, pin_memory=True)
+            self._host.copy_(outputs, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = outputs
+
+    def numpy(self) -> np.ndarray:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.numpy() if isinstance(self._host, torch.Tensor) else np.asarray(self._host)
+
+
+def map_units(dataset: ImageDataset, writer, units: list[int],
+              fn: Callable[[torch.Tensor], torch.Tensor | np.ndarray], *, batch_size: int, resolution: int,
+              num_workers: int, device: torch.device, output_shape: tuple[int, ...],
+              output_dtype) -> Iterator[UnitOutputs]:
+    """Apply `fn` (images (B, 3, R, R) -> tensor or array (B, ...)) to every readable input of `units`, in
+    the writer's fixed per-unit batches (writer.unit_batches), and yield each unit once its last batch
+    has arrived. One DataLoader feeds all units in order (encode and tokenize share this). Device outputs
+    come to the host without a synchronisation per batch (`_HostCopy`)."""
     pending = iter(units)
     unit = next(pending, None)
     outputs, indices, skipped = [], [], []
     for batch in image_batches(dataset, writer.unit_batches(units, batch_size), resolution, num_workers, device):
         if batch.images is not None:
-            outputs.append(fn(batch.images))
+            outputs.append(_HostCopy(fn(batch.images)))
             indices += batch.indices
         skipped += [(dataset.key(i), reason) for i, reason in batch.skipped]
         start, stop = writer.unit_range(unit)
         if len(indices) + len(skipped) == stop - start:  # the unit's last batch has arrived
             yield UnitOutputs(unit=unit,
-                              outputs=np.concatenate(outputs) if outputs else np.zeros((0, *output_shape),
-                                                                                       output_dtype),
+                              outputs=np.concatenate([o.numpy() for o in outputs]) if outputs
+                              else np.zeros((0, *output_shape), output_dtype),
                               labels=np.asarray([dataset.label(i) for i in indices], dtype=np.int64),
                               keys=[dataset.key(i) for i in indices], skipped=skipped)
             outputs, indices, skipped = [], [], []

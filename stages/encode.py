@@ -40,10 +40,10 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
     Run it under torchrun to spread the work over processes / GPUs. Returns the manifest.
     """
     options = cfg.storage_options()
-    with distributed(cfg.vae.device) as ctx:
+    with distributed(cfg.vae.device, cfg.dist.timeout_minutes) as ctx:
         # ---- setup: data, model, store --------------------------------------------------------
         dataset = open_image_dataset(images, options)
-        vae = FrozenVAE.load(cfg.vae.source, device=ctx.device, autocast_bf16=cfg.vae.autocast_bf16)
+        vae = FrozenVAE.load(cfg.vae.source, device=ctx.device, precision=cfg.vae.precision)
         latent_shape = vae.latent_shape(cfg.data.resolution)  # stops here if R does not fit the VAE
         log(f"encode {split}: {len(dataset)} images from {images} at {cfg.data.resolution}px -> "
             f"{latent_shape} latents with {vae.class_name} {vae.source} on {ctx.device} "
@@ -71,19 +71,22 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
                 log(f"resuming: {writer.num_staged} of {writer.num_units} units already encoded")
 
         # ---- encode and stage this rank's pending units ---------------------------------------------
-        units = writer.pending_units(ctx.rank, ctx.world_size)
+        # what is left is shared out evenly, from one listing (rank 0's)
+        units = writer.pending_units(ctx.rank, ctx.world_size, run_on_main(ctx, writer.missing_units, share=True))
         name = f"encode {split}" + (f" (rank 0 of {ctx.world_size})" if ctx.is_distributed else "")
-        with progress(sum(len(range(*writer.unit_range(u))) for u in units), name, enabled=ctx.is_main) as bar:
-            for part in map_units(dataset, writer, units, lambda x: vae.encode(x).cpu().numpy(),
+        with progress(sum(len(range(*writer.unit_range(u))) for u in units), name, enabled=ctx.is_main) as bar, \
+                ctx.phase("encode the images"):
+            for part in map_units(dataset, writer, units, vae.encode,
                                   batch_size=cfg.encode.batch_size, resolution=cfg.data.resolution,
                                   num_workers=cfg.encode.num_workers, device=ctx.device,
                                   output_shape=latent_shape, output_dtype=np.float32):
                 writer.write_unit(part.unit, part.outputs, part.labels, part.keys, part.skipped)
                 bar.advance(len(part.keys) + len(part.skipped))
-        ctx.barrier()
+            ctx.barrier()
 
-        # ---- finish: assemble the store on rank 0 ---------------------------------------------
-        manifest = run_on_main(ctx, lambda: writer.finalize(ignored=dataset.ignored, source=str(images)), share=True)
+        # ---- finish: every rank assembles its share of the store ----------------------------------
+        with ctx.phase("assemble the store"):
+            manifest = writer.finalize(ignored=dataset.ignored, source=str(images), collective=ctx)
         log(f"wrote {manifest.num_samples} latents {tuple(manifest.latent_shape)} {manifest.latent_dtype} to {out}")
         skipped = list(zip(manifest.skipped["keys"], manifest.skipped["reasons"]))
         if skipped:

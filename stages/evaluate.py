@@ -8,7 +8,10 @@ images, no decoder, image metrics null.
 Reports of different scope never overwrite each other: RUN/eval_<split>.json is the whole split
 from images; a limited run writes eval_<split>_first<N>.json and a latent-level one
 eval_<split>_latents[_first<N>].json. Each report has its grid (<report>_grid.png) and its resolved
-config (<report>.config.yaml). Rerunning the same scope replaces that report and says so.
+config (<report>.config.yaml); each report also has its codebook-usage map (<report>_usage.png, the usage
+of every token position painted over the latent layout). The grid's tokenizer and VAE tiles carry their
+PSNR against the original, and the report lists them with the images' keys under "grid". Rerunning the
+same scope replaces that report and says so.
 Run under torchrun to spread the images over processes; statistics are summed across ranks.
 """
 
@@ -26,6 +29,7 @@ from rich.table import Table
 from revq_pipe.cache.reader import LatentCache
 from revq_pipe.cache.reader import rank_slice
 from revq_pipe.pipeline.files import atomic_write_text
+from revq_pipe.pipeline.metrics import psnr_rgb
 from revq_pipe.pipeline.quantizer import CodeUsage
 from revq_pipe.pipeline.tokenizer import RevqTokenizer
 from revq_pipe.stages.config import RevqConfig, save_config
@@ -34,7 +38,7 @@ from revq_pipe.stages.datasets import contiguous_batches, image_batches, open_im
 from revq_pipe.stages.distributed import DistContext, distributed
 from revq_pipe.stages.eval_metrics import (FID_BACKEND, IMAGE_METRICS, INCEPTION_SPLITS, ReconstructionMetrics,
                                            load_metric_networks)
-from revq_pipe.stages.grid import write_grid
+from revq_pipe.stages.grid import write_grid, write_usage_map
 from revq_pipe.stages.run_dir import (TOKENIZER_DIR, image_resolution, load_tokenizer, split_location,
                                       tokenizer_identity, tokenizer_vae)
 from revq_pipe.stages.skipped import describe_skipped, skipped_record
@@ -59,14 +63,14 @@ def run_evaluate(cfg: RevqConfig, *, run: str, split: str, images: str | None, f
         from_cache: evaluate at the latent level on `cache` (default data.<split>_cache).
         cache: the latent cache for the latent level; implies from_cache.
     """
-    with distributed(cfg.vae.device) as ctx:
+    with distributed(cfg.vae.device, cfg.dist.timeout_minutes) as ctx:
         return _evaluate(cfg, Path(run), split, images, from_cache or cache is not None, cache, ctx)
 
 
 def _evaluate(cfg: RevqConfig, run: Path, split: str, images: str | None, from_cache: bool, cache: str | None,
               ctx: DistContext) -> dict:
     start = time.perf_counter()
-    tokenizer = load_tokenizer(run, ctx.device)
+    tokenizer = load_tokenizer(run, ctx.device, search_memory_mb=cfg.quantizer.search_memory_mb)
     stem = report_name(split, from_cache=from_cache, limit=cfg.eval.limit)
     if from_cache:
         source = cache or split_location(cfg, split, "cache")
@@ -74,6 +78,11 @@ def _evaluate(cfg: RevqConfig, run: Path, split: str, images: str | None, from_c
     else:
         source = images or split_location(cfg, split, "images")
         body = _evaluate_images(cfg, tokenizer, split, source, run / stem, ctx)
+    if ctx.is_main:
+        usage_map = write_usage_map(run / f"{stem}_usage.png", body["usage_per_position"], tokenizer.latent_shape,
+                                    title=f"codebook usage per token position: eval {split}, {body['num_images']} "
+                                          f"{'latents' if from_cache else 'images'}, K={tokenizer.codebook_size}")
+        log(f"codebook usage per position written to {usage_map}")
     T, K = tokenizer.num_tokens, tokenizer.codebook_size
     report = {
         "split": split,
@@ -90,6 +99,7 @@ def _evaluate(cfg: RevqConfig, run: Path, split: str, images: str | None, from_c
         "tokenizer": {**tokenizer_identity(run / TOKENIZER_DIR), "num_tokens": T, "codebook_size": K,
                       "token_dim": tokenizer.token_dim, "latent_shape": list(tokenizer.latent_shape)},
         "vae": body["vae"],
+        "grid": body.get("grid"),
         "elapsed_s": round(time.perf_counter() - start, 3),
     }
     if ctx.is_main:
@@ -107,8 +117,8 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, imag
                      ctx: DistContext) -> dict:
     # --- setup: data, VAE, metric networks; then the config, once every input is known good --------
     dataset = open_image_dataset(images, cfg.storage_options())
+    resolution = image_resolution(tokenizer, cfg)  # refuses a data.resolution it cannot honour, before the VAE loads
     vae = tokenizer_vae(cfg, tokenizer, ctx.device)
-    resolution = image_resolution(tokenizer, cfg)
     if vae.latent_shape(resolution) != tokenizer.latent_shape:
         raise ValueError(f"the VAE {vae.source} makes {vae.latent_shape(resolution)} latents at {resolution}px, but "
                          f"the tokenizer expects {tokenizer.latent_shape}; pass the VAE it was trained with")
@@ -128,7 +138,7 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, imag
     usage = CodeUsage(tokenizer.num_tokens, tokenizer.codebook_size, ctx.device)
     grid, skipped = [], []
     with progress(sum(map(len, batches)), f"eval {split}", enabled=ctx.is_main) as bar:
-        for batch in image_batches(dataset, batches, resolution, cfg.encode.num_workers, ctx.device):
+        for batch in image_batches(dataset, batches, resolution, cfg.eval.num_workers, ctx.device):
             skipped += [(dataset.key(i), reason) for i, reason in batch.skipped]
             if batch.images is not None:
                 rec = tokenizer.reconstruct(batch.images)
@@ -137,7 +147,8 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, imag
                 latent_sums += rec.latents.squared_errors()
                 usage.add(rec.latents.ids)
                 if ctx.is_main and len(grid) < cfg.eval.grid_images:
-                    grid += list(zip(rec.original.cpu(), rec.vae.cpu(), rec.tokenizer.cpu()))
+                    keys = [dataset.key(i) for i in batch.indices]
+                    grid += list(zip(keys, rec.original.cpu(), rec.vae.cpu(), rec.tokenizer.cpu()))
             bar.advance(len(batch.indices) + len(batch.skipped))
 
     # --- finish: merge ranks, grid ---------------------------------------------------------------
@@ -147,10 +158,8 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, imag
     skipped = [item for part in ctx.all_gather_object(skipped) for item in part]
     if ctx.is_main and skipped:
         log(describe_skipped(skipped, what="unreadable images (not evaluated)"))
-    if ctx.is_main and grid:
-        rows = [torch.stack([images[k] for images in grid[:cfg.eval.grid_images]]) for k in range(len(GRID_ROWS))]
-        path = write_grid(stem.with_name(stem.name + "_grid.png"), rows, labels=GRID_ROWS)
-        log(f"reconstruction grid (rows: {' | '.join(GRID_ROWS)}) written to {path}")
+    grid_record = _write_grid(stem.with_name(stem.name + "_grid.png"), grid[:cfg.eval.grid_images]) \
+        if ctx.is_main and grid else None
     tok, tok_missing = metrics.result("tokenizer")
     ceiling, ceiling_missing = metrics.result("vae_ceiling")
     num_images = int(metrics.sums["tokenizer"][0])
@@ -158,7 +167,21 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, imag
     protocol.update({"fid_weights_sha256": nets.fid_sha256, "lpips_weights_sha256": nets.lpips_sha256})
     return {"num_images": num_images, "tokenizer": tok, "vae_ceiling": ceiling, "vae": vae.identity,
             "missing": {**tok_missing, **{f"vae_ceiling.{k}": v for k, v in ceiling_missing.items()}},
-            "protocol": protocol, **_latent_report(latent_sums, usage)}
+            "protocol": protocol, "grid": grid_record, **_latent_report(latent_sums, usage)}
+
+
+def _write_grid(path: Path, grid: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """The labelled grid of (key, original, VAE, tokenizer) images, each reconstruction captioned with its RGB
+    PSNR against the original; returns the report's record of it (file and per-image PSNRs)."""
+    keys = [key for key, *_ in grid]
+    original, vae, tokenizer = (torch.stack([images[k] for images in grid]) for k in (1, 2, 3))
+    psnr = {"vae": psnr_rgb(original, vae).tolist(), "tokenizer": psnr_rgb(original, tokenizer).tolist()}
+    captions = [None, [f"{v:.1f} dB" for v in psnr["vae"]], [f"{v:.1f} dB" for v in psnr["tokenizer"]]]
+    write_grid(path, [original, vae, tokenizer], labels=GRID_ROWS, captions=captions)
+    log(f"reconstruction grid (rows: {' | '.join(GRID_ROWS)}, PSNR under each reconstruction) written to {path}")
+    return {"file": path.name, "rows": list(GRID_ROWS),
+            "images": [{"key": key, "psnr_vae": v, "psnr_tokenizer": t}
+                       for key, v, t in zip(keys, psnr["vae"], psnr["tokenizer"])]}
 
 
 # --- latent level (--from-cache) ---------------------------------------------------------------
@@ -169,6 +192,8 @@ def _evaluate_latents(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, pat
     cache = LatentCache.open(path, options=cfg.storage_options())
     cache.check_matches(tokenizer.vae_identity, tokenizer.latent_shape, what="the tokenizer",
                         fix="pass the cache of the split encoded with the tokenizer's VAE (--cache STORE)")
+    if tokenizer.image_recipe.get("resolution") is not None:
+        image_resolution(tokenizer, cfg)  # the config written below must not record a side it could not honour
     if ctx.is_main:
         save_config(cfg, config_path)
     num_inputs = cache.num_samples if cfg.eval.limit <= 0 else min(cfg.eval.limit, cache.num_samples)
@@ -203,7 +228,8 @@ def _latent_report(sums: torch.Tensor, usage: CodeUsage) -> dict[str, Any]:
     summary = usage.summary()
     return {"latent_mse": rectified / values if values else None,
             "latent_mse_quantized": quantized / values if values else None,
-            "codebook_usage": summary["codebook_usage"], "perplexity": summary["perplexity"]}
+            "codebook_usage": summary["codebook_usage"], "perplexity": summary["perplexity"],
+            "usage_per_position": (usage.counts > 0).double().mean(dim=1).cpu()}  # (T,), for the usage map
 
 
 def _protocol(tokenizer: RevqTokenizer, resolution: int | None, num_images: int, skipped: list[tuple[str, str]],

@@ -5,7 +5,8 @@ sigma in tolerance.sigmas: z' = normalize(z) + N(0, sigma^2) in the standardized
 de-standardizing, and compared with x0 (both 8-bit): PSNR, SSIM (and rFID / LPIPS when their weights
 are given). The tokenizer's quantized-only and rectified latents go on the same axes at their
 effective sigma, the RMS of their error in the standardized space. The noise is one seeded draw
-(train.seed) shared by every sigma, so the curve is smooth and the numbers reproducible.
+(tolerance.seed) shared by every sigma, so the curve is smooth and the numbers reproducible. rFID and
+LPIPS use the evaluation's metric networks (eval.fid_weights, eval.lpips_weights).
 Writes RUN/tolerance.json and RUN/tolerance.png (resolved config: RUN/tolerance.config.yaml).
 """
 
@@ -36,7 +37,7 @@ TOLERANCE_METRICS = ("psnr", "ssim", "rfid", "lpips")
 
 def run_tolerance(cfg: RevqConfig, *, run: str, images: str) -> Path:
     """Measure the decoder's latent-noise tolerance with the tokenizer on the curve; returns RUN/tolerance.json."""
-    with distributed(cfg.vae.device) as ctx:
+    with distributed(cfg.vae.device, cfg.dist.timeout_minutes) as ctx:
         return _tolerance(cfg, Path(run), images, ctx)
 
 
@@ -50,25 +51,26 @@ def _tolerance(cfg: RevqConfig, run: Path, images: str, ctx: DistContext) -> Pat
     if not sigmas or min(sigmas) < 0:
         raise ValueError(f"tolerance.sigmas={sigmas} must be a non-empty list of non-negative numbers")
     # --- setup: tokenizer, VAE, data, noise ---------------------------------------------------------
-    tokenizer = load_tokenizer(run, ctx.device)
+    tokenizer = load_tokenizer(run, ctx.device, search_memory_mb=cfg.quantizer.search_memory_mb)
+    resolution = image_resolution(tokenizer, cfg)  # refuses a data.resolution it cannot honour, before the VAE loads
     vae = tokenizer_vae(cfg, tokenizer, ctx.device)
-    resolution = image_resolution(tokenizer, cfg)
     dataset = open_image_dataset(images, cfg.storage_options())
     num_inputs = len(dataset) if cfg.tolerance.limit <= 0 else min(cfg.tolerance.limit, len(dataset))
     nets = load_metric_networks(cfg.eval.fid_weights, cfg.eval.lpips_weights, ctx.device)
     if ctx.is_main:
         save_config(cfg, run / "tolerance.config.yaml")
     # one draw for all sigmas and ranks: row i belongs to image i whatever the world size
-    noise = torch.randn((num_inputs, *tokenizer.latent_shape), generator=torch.Generator().manual_seed(cfg.train.seed))
+    noise = torch.randn((num_inputs, *tokenizer.latent_shape),
+                        generator=torch.Generator().manual_seed(cfg.tolerance.seed))
     log(f"tolerance: {num_inputs} images from {images}, sigmas {sigmas}")
 
     # --- loop: clean, noisy and tokenizer reconstructions vs the clean one ------------------------------
     sources = [_label(s) for s in sigmas] + list(TOKENIZER_POINTS)
     metrics = ReconstructionMetrics(sources, nets, ctx.device)
     errors = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # values, quantized SSE, rectified SSE
-    batches = contiguous_batches(*rank_slice(num_inputs, ctx.rank, ctx.world_size), cfg.eval.batch_size)
+    batches = contiguous_batches(*rank_slice(num_inputs, ctx.rank, ctx.world_size), cfg.tolerance.batch_size)
     with progress(sum(map(len, batches)), "tolerance", enabled=ctx.is_main) as bar:
-        for batch in image_batches(dataset, batches, resolution, cfg.encode.num_workers, ctx.device):
+        for batch in image_batches(dataset, batches, resolution, cfg.tolerance.num_workers, ctx.device):
             if batch.images is not None:
                 with torch.no_grad():
                     rec = tokenizer.reconstruct(batch.images)  # clean x0 = rec.vae, rectified = rec.tokenizer
@@ -84,7 +86,7 @@ def _tolerance(cfg: RevqConfig, run: Path, images: str, ctx: DistContext) -> Pat
     # --- finish: merge ranks, JSON, figure -----------------------------------------------------------
     metrics.all_reduce_(ctx)
     ctx.all_reduce_sum_(errors)
-    report = _report(metrics, errors, sigmas, nets, tokenizer, vae, run, num_inputs, cfg.train.seed)
+    report = _report(metrics, errors, sigmas, nets, tokenizer, vae, run, num_inputs, cfg.tolerance.seed)
     report["elapsed_s"] = round(time.perf_counter() - start, 3)
     path = run / "tolerance.json"
     if ctx.is_main:

@@ -52,3 +52,39 @@ def store_files(path) -> dict[str, bytes]:
     """Every file of a store by relative path, for bit-for-bit comparisons."""
     root = Path(path)
     return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+class ThreadRanks:
+    """World-size ranks as threads of this process, for the multi-rank writers' collectives (cache.collective):
+    `run(work)` calls work(rank) on every rank at once and returns their results in rank order."""
+
+    def __init__(self, world_size: int) -> None:
+        import threading
+
+        self.world_size = world_size
+        self._barrier = threading.Barrier(world_size, timeout=60)
+        self._slots: list[object] = [None] * world_size
+
+    def rank(self, r: int) -> "_ThreadRank":
+        return _ThreadRank(self, r)
+
+    def run(self, work) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.world_size) as pool:
+            return list(pool.map(lambda r: work(self.rank(r)), range(self.world_size)))
+
+
+class _ThreadRank:
+    def __init__(self, ranks: ThreadRanks, rank: int) -> None:
+        self._ranks, self.rank, self.world_size = ranks, rank, ranks.world_size
+
+    def barrier(self) -> None:
+        self._ranks._barrier.wait()
+
+    def all_gather_object(self, obj: object) -> list[object]:
+        self._ranks._slots[self.rank] = obj
+        self.barrier()
+        gathered = list(self._ranks._slots)
+        self.barrier()  # nobody overwrites a slot before everyone has read them all
+        return gathered

@@ -63,7 +63,8 @@ def make_config(tmp_path: Path, vae: Path, images: Path, **settings) -> RevqConf
               "data.resolution": RESOLUTION, "data.val_images": str(images),
               "data.val_cache": str(tmp_path / "cache" / "val.zarr"), "train.run": str(tmp_path / "run"),
               "encode.num_workers": 0, "encode.batch_size": 16, "eval.batch_size": 16, "eval.grid_images": 4,
-              "tokenize.batch_size": 16, "tolerance.limit": 8}
+              "eval.num_workers": 0, "tokenize.batch_size": 16, "tokenize.num_workers": 0, "tolerance.limit": 8,
+              "tolerance.batch_size": 16, "tolerance.num_workers": 0}
     values.update(settings)
     return load_config(None, [], values)
 

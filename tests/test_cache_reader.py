@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 import zarr
@@ -18,37 +19,16 @@ def store(tmp_path_factory):
     return path
 
 
-def epoch_rows(cache, **kwargs):
-    """Every batch of one epoch as rows of the stored array, matched back to storage indices."""
-    stored = cache.load_latents().float().reshape(cache.num_samples, -1)
-    batches = list(cache.iter_batches(**kwargs))
-    rows = []
-    for b in batches:
-        assert b.dtype == torch.float32 and tuple(b.shape[1:]) == SHAPE
-        match = (b.reshape(len(b), 1, -1) == stored.unsqueeze(0)).all(-1)  # (B, N)
-        assert (match.sum(1) == 1).all()
-        rows += match.float().argmax(1).tolist()
-    return [len(b) for b in batches], rows
-
-
-def test_iter_batches_covers_every_sample_once_and_is_deterministic(store):
+def test_read_rows_returns_any_rows_in_the_order_asked(store):
     cache = LatentCache.open(store)
-    sizes, rows = epoch_rows(cache, batch_size=8, seed=3, epoch=0, window_chunks=3)
-    assert sorted(rows) == list(range(cache.num_samples)) and sizes == [8] * 5 + [2]
-    assert rows != sorted(rows)
-    assert epoch_rows(cache, batch_size=8, seed=3, epoch=0, window_chunks=3)[1] == rows
-    assert epoch_rows(cache, batch_size=8, seed=3, epoch=1, window_chunks=3)[1] != rows
-    assert epoch_rows(cache, batch_size=8, seed=3, epoch=0, shuffle=False)[1] == list(range(cache.num_samples))
-    assert epoch_rows(cache, batch_size=8, seed=3, epoch=0, drop_last=True)[0] == [8] * 5
-
-
-def test_iter_batches_shards_across_ranks(store):
-    cache = LatentCache.open(store)
-    parts = [epoch_rows(cache, batch_size=4, seed=0, epoch=2, rank=r, world_size=3)[1] for r in range(3)]
-    assert sorted(sum(parts, [])) == list(range(cache.num_samples))
-    assert max(map(len, parts)) - min(map(len, parts)) <= 1
-    with pytest.raises(ValueError, match="rank"):
-        next(cache.iter_batches(4, seed=0, epoch=0, rank=3, world_size=3))
+    stored = cache.load_latents()
+    rows = np.array([17, 3, 40, 3 + 5, 0, 41])  # across chunks, unsorted
+    picked = cache.read_rows(rows)
+    assert picked.dtype == np.float16 and picked.shape == (6, *SHAPE)
+    assert np.array_equal(picked, stored[torch.from_numpy(rows)].numpy())
+    assert cache.read_rows(np.array([], dtype=np.int64)).shape == (0, *SHAPE)
+    with pytest.raises(ValueError, match=r"rows range over \[0, 42\], outside the 42 latents"):
+        cache.read_rows(np.array([0, 42]))
 
 
 def test_incomplete_cache_refused_with_resume_hint(tmp_path):

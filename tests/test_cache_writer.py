@@ -12,7 +12,8 @@ import zarr
 from revq_pipe.cache.reader import LatentCache
 from revq_pipe.cache.schema import CacheError
 from revq_pipe.cache.writer import CacheWriter
-from helpers_cache import RECIPE, SHAPE, VAE, build_store, make_inputs, open_writer, store_files, write_units
+from helpers_cache import (RECIPE, SHAPE, VAE, ThreadRanks, build_store, make_inputs, open_writer, store_files,
+                           write_units)
 
 N = 23  # 5 units of 5 inputs, the last one short
 
@@ -57,11 +58,43 @@ def test_two_ranks_write_the_same_bytes_as_one(tmp_path):
     inputs = make_inputs(N)
     rank0 = open_writer(tmp_path / "two.zarr", N, create=True)
     rank1 = open_writer(tmp_path / "two.zarr", N, create=False)
-    assert rank0.pending_units(0, 2) == [0, 2, 4] and rank1.pending_units(1, 2) == [1, 3]
-    write_units(rank1, inputs, rank1.pending_units(1, 2))
-    write_units(rank0, inputs, rank0.pending_units(0, 2))
+    missing = rank0.missing_units()  # one listing, shared by the ranks
+    assert rank0.pending_units(0, 2, missing) == [0, 2, 4] and rank1.pending_units(1, 2, missing) == [1, 3]
+    write_units(rank1, inputs, rank1.pending_units(1, 2, missing))
+    write_units(rank0, inputs, rank0.pending_units(0, 2, missing))
     rank0.finalize()
     assert store_files(tmp_path / "one.zarr") == store_files(tmp_path / "two.zarr")
+
+
+def test_what_a_partial_run_left_is_spread_over_the_ranks_of_the_next(tmp_path):
+    # units 0, 1 and 3 of 8 were staged by an earlier run: five remain, shared 3 + 2, not by u % world_size
+    writer = open_writer(tmp_path / "s.zarr", 40)
+    write_units(writer, make_inputs(40), [0, 1, 3])
+    missing = writer.missing_units()
+    assert missing == [2, 4, 5, 6, 7]
+    assert [writer.pending_units(r, 2, missing) for r in (0, 1)] == [[2, 5, 7], [4, 6]]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_assemble_the_store_in_parallel_to_the_same_bytes(tmp_path, monkeypatch, world_size):
+    """Every rank writes a share of the chunks and summarizes a share of the units; skipped inputs make the
+    units' rows straddle chunks, and small merge blocks make the statistics' merge tree deep."""
+    monkeypatch.setattr("revq_pipe.cache.staging.STATS_BLOCK_UNITS", 3)
+    monkeypatch.setattr("revq_pipe.cache.staging.WRITE_BLOCK_CHUNKS", 2)
+    n, inputs = 200, make_inputs(200)
+
+    def encode(path, ranks):
+        writer = open_writer(path, n)
+        write_units(writer, inputs, writer.pending_units(0, 1))
+        return ranks.run(lambda rank: writer.finalize(ignored=["notes.txt"], collective=rank))
+
+    one = encode(tmp_path / "one.zarr", ThreadRanks(1))[0]
+    many = encode(tmp_path / "many.zarr", ThreadRanks(world_size))
+    assert all(m.to_attrs() == one.to_attrs() for m in many)
+    assert store_files(tmp_path / "one.zarr") == store_files(tmp_path / "many.zarr")
+    cache = LatentCache.open(tmp_path / "many.zarr")
+    latents, _, _, skipped = inputs
+    assert np.array_equal(cache.load_latents().numpy(), latents[[i for i in range(n) if i not in skipped]].astype(np.float16))
 
 
 def test_resume_after_an_error_inside_write_unit_is_bit_identical(tmp_path):

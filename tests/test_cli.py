@@ -1,9 +1,11 @@
-"""The CLI surface: commands listed, bad settings refused with one clear line."""
+"""The CLI surface: commands listed, bad settings and inputs refused with one clear line, before heavy imports."""
 
-import json
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from revq_pipe.stages.cli import app
@@ -11,18 +13,33 @@ from revq_pipe.stages.cli import app
 runner = CliRunner()
 
 
-def test_help_lists_every_command():
+def test_help_lists_every_command_with_its_whole_description():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     for command in ("encode", "train", "eval", "tokenize", "tolerance", "cache", "demo"):
         assert command in result.output
+    assert "Stage one: run the frozen VAE encoder over a dataset into a latent cache." in " ".join(result.output.split())
     cache_help = runner.invoke(app, ["cache", "--help"])
     assert "import" in cache_help.output and "info" in cache_help.output
+    for group in ([], ["cache"], ["demo"]):
+        listing = runner.invoke(app, [*group, "--help"]).output.split("Commands:")[1]
+        assert "..." not in listing, listing  # click cuts a long description at the terminal width
 
 
-def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "revq_pipe.stages.cli", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "tolerance" in result.stdout
+@pytest.mark.parametrize("command, argument", [(["import-reference"], "SRC"), (["cache", "info"], "STORE"),
+                                               (["cache", "import"], "FILE")])
+def test_arguments_are_shown_as_their_metavar(command, argument):
+    text = runner.invoke(app, [*command, "--help"]).output
+    assert f"[OPTIONS] {argument}\n" in text and f"\n  {argument}  " in text
+    assert "{" + argument + "}" not in text and "<str>" not in text
+
+
+def test_the_console_script_runs():
+    """The entry point pyproject.toml declares, installed beside this Python by `make setup`."""
+    script = Path(sys.executable).with_name("revq-pipe")
+    result = subprocess.run([str(script), "config", "--config", "512T"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "codebook_size: 16384" in result.stdout and "torch" not in result.stderr
 
 
 def test_unknown_setting_is_one_clear_error():
@@ -48,6 +65,86 @@ def test_missing_inputs_name_the_path(tmp_path):
     assert not (tmp_path / "c.zarr").exists()
 
 
+@pytest.mark.parametrize("args", [
+    ["encode", "--images", "{missing}/images", "--out", "{missing}/c.zarr"],
+    ["encode", "--images", "{missing}/shard-{{000..003}}.tar", "--out", "{missing}/c.zarr"],
+    ["encode", "--images", "{here}", "--vae", "{missing}/vae", "--out", "{missing}/c.zarr"],
+    ["train", "--train-cache", "{missing}/t.zarr", "--run", "{missing}/run"],
+    ["eval", "--run", "{missing}/run"],
+    ["tokenize", "--run", "{missing}/run", "--split", "val"],
+    ["tolerance", "--run", "{here}", "--images", "{missing}/val"],
+    ["cache", "info", "{missing}/c.zarr"],
+])
+def test_a_missing_input_is_refused_before_torch_is_imported(args, tmp_path):
+    """Refusing a path that is not there takes a fraction of a second: no stage, torch or model is loaded."""
+    args = [a.format(missing=tmp_path / "nowhere", here=tmp_path) for a in args]
+    script = ("import sys; from revq_pipe.stages.cli import app\n"
+              "try:\n    app(sys.argv[1:])\nexcept SystemExit as end:\n    code = end.code\n"
+              "print('exit', code, 'torch' in sys.modules, 'diffusers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.strip().splitlines()[-1] == "exit 2 False False", result.stdout + result.stderr
+    assert "does not exist" in result.stderr and str(tmp_path / "nowhere") in result.stderr.replace("\n", "")
+    assert "Traceback" not in result.stderr
+
+
+def test_a_url_that_lost_a_slash_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images = tmp_path / "images"
+    images.mkdir()
+    result = runner.invoke(app, ["encode", "--images", str(images), "--out", "s3:/mybucket/val.zarr"])
+    assert result.exit_code == 2 and "s3://" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"], "no local folder named s3:"
+
+
+def test_config_presets_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["config", "--config", "configs/demo.yaml"])
+    assert result.exit_code == 2 and "--config demo" in result.output and "512T" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["config", "--config", "256T-L"])
+    assert result.exit_code == 0 and "codebook_size: 262144" in result.output
+
+
+def test_debug_shows_the_traceback_instead_of_one_line(monkeypatch):
+    from revq_pipe.stages.config import ConfigError
+
+    quiet = runner.invoke(app, ["config", "--set", "train.epoch=3"])
+    assert quiet.exit_code == 2 and quiet.exception is not None and not isinstance(quiet.exception, ConfigError)
+    loud = runner.invoke(app, ["--debug", "config", "--set", "train.epoch=3"])
+    assert isinstance(loud.exception, ConfigError)
+    monkeypatch.setenv("REVQ_DEBUG", "1")
+    assert isinstance(runner.invoke(app, ["config", "--set", "train.epoch=3"]).exception, ConfigError)
+
+
+def test_an_unreachable_hub_id_is_one_error_without_warnings(tmp_path, monkeypatch):
+    """Offline, a hub id fails with our one line, and huggingface_hub's deprecation noise is not printed first."""
+    from revq_pipe.pipeline.vae import FrozenVAE
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(FileNotFoundError, match="cannot be loaded from the Hugging Face hub"):
+            FrozenVAE.load("some-org/some-vae", device="cpu")
+    assert [str(w.message) for w in caught if "huggingface_hub" in w.filename] == []
+
+
+def test_encode_over_a_complete_store_of_other_inputs_says_what_differs(tmp_path):
+    from helpers_eval import write_images
+    from helpers_vae import make_tiny_vae
+
+    vae = make_tiny_vae(tmp_path, latent_channels=4, image_size=32)
+    first, second = write_images(tmp_path / "first", n=6), write_images(tmp_path / "second", n=4, seed=1)
+    common = ["--vae", str(vae), "--resolution", "32", "--out", str(tmp_path / "val.zarr"), "--split", "val",
+              "--set", "vae.device=cpu", "--set", "encode.num_workers=0"]
+    assert runner.invoke(app, ["encode", "--images", str(first), *common]).exit_code == 0
+    result = runner.invoke(app, ["encode", "--images", str(second), *common[:2], "--resolution", "16", *common[4:]])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, text
+    assert "num_inputs: 7 -> 5" in text and "image.resolution: 32 -> 16" in text, text
+    assert f"made from {first}" in text and "--overwrite" in text
+
+
 def test_help_shows_metavars_and_config_prints_every_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     help_text = runner.invoke(app, ["cache", "info", "--help"]).output
@@ -68,31 +165,6 @@ def test_the_cli_is_not_shadowed_by_a_users_own_modules(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "user" not in result.stderr and "quantizer:" in result.stdout
-
-
-def test_a_run_given_to_eval_supplies_its_own_data(tmp_path, monkeypatch):
-    """eval --run DIR takes the images the run recorded, not the built-in demo data."""
-    from helpers_eval import make_eval_setup
-
-    from revq_pipe.stages.config import save_config
-
-    setup = make_eval_setup(tmp_path / "setup")
-    save_config(setup.cfg, setup.run / "config.yaml")  # what `revq-pipe train` records
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    monkeypatch.delenv("REVQ_FID_WEIGHTS", raising=False)
-    monkeypatch.delenv("REVQ_LPIPS_WEIGHTS", raising=False)
-    result = runner.invoke(app, ["eval", "--run", str(setup.run), "--limit", "3"])
-    assert result.exit_code == 0, result.output
-    report = json.loads((setup.run / "eval_val_first3.json").read_text())
-    assert report["protocol"]["source"] == setup.cfg.data.val_images and report["num_images"] == 3
-    assert not (elsewhere / "artifacts").exists()
-    # a report of another scope never replaces this one
-    result = runner.invoke(app, ["eval", "--run", str(setup.run), "--from-cache"])
-    assert result.exit_code == 0, result.output
-    assert (setup.run / "eval_val_latents.json").is_file()
-    assert json.loads((setup.run / "eval_val_first3.json").read_text()) == report
 
 
 def test_help_does_not_import_torch():

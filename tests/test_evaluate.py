@@ -17,7 +17,7 @@ from helpers_eval import (CODEBOOK_SIZE, NUM_GOOD_IMAGES, NUM_TOKENS, RESOLUTION
                           make_config, make_eval_setup)
 from helpers_processes import Ranks
 from helpers_vae import make_tiny_vae
-from revq_pipe.pipeline.metrics import frechet_distance
+from revq_pipe.pipeline.metrics import frechet_distance, psnr_rgb
 from revq_pipe.pipeline.tokenizer import RevqTokenizer
 from revq_pipe.pipeline.vae import FrozenVAE
 from revq_pipe.stages import eval_metrics
@@ -65,9 +65,57 @@ def test_report_without_metric_weights(setup):
     assert protocol["fid_weights_sha256"] is None and "red channel" in protocol["psnr_note"]
     assert report["vae"]["weights_sha256"] == FrozenVAE.load(str(setup.vae), device="cpu").identity["weights_sha256"]
     assert len(report["tokenizer"]["model_sha256"]) == 64
-    grid = Image.open(setup.run / "eval_val_grid.png")
-    margin = grid.size[0] - (4 * RESOLUTION + 3 * 2)  # 4 columns, 2 px gaps, after the row labels
-    assert grid.size[1] == 3 * RESOLUTION + 2 * 2 and margin > 20  # 3 rows
+    assert (setup.run / "eval_val_grid.png").is_file() and (setup.run / "eval_val_usage.png").is_file()
+
+
+def test_grid_tiles_are_upscaled_and_labelled_with_their_psnr(setup):
+    """The 32 px tiles are shown 4x by nearest neighbour; every reconstruction carries its PSNR, which the report
+    lists with the image's key."""
+    report = run_evaluate(setup.cfg, run=str(setup.run), split="val", images=None, from_cache=False)
+    vae = FrozenVAE.load(str(setup.vae), device="cpu")
+    tokenizer = RevqTokenizer.from_pretrained(setup.run / "tokenizer", vae=vae, device="cpu")
+    dataset = open_image_dataset(setup.images)
+    decoded = [DecodedImages(dataset, RESOLUTION)[i] for i in range(4)]  # the grid's 4 images, in order
+    rec = tokenizer.reconstruct(torch.stack([x for _, x, _ in decoded]))
+    grid = report["grid"]
+    assert grid["file"] == "eval_val_grid.png" and [g["key"] for g in grid["images"]] == [dataset.key(i) for i in range(4)]
+    assert [g["psnr_tokenizer"] for g in grid["images"]] == pytest.approx(psnr_rgb(rec.original, rec.tokenizer).tolist())
+    assert [g["psnr_vae"] for g in grid["images"]] == pytest.approx(psnr_rgb(rec.original, rec.vae).tolist())
+
+    picture = np.asarray(Image.open(setup.run / grid["file"]).convert("RGB"))  # (H, W, 3)
+    side, gap = 4 * RESOLUTION, 2
+    margin = picture.shape[1] - (4 * side + 3 * gap)  # 4 columns after the row labels
+    first = rec.original[0].permute(1, 2, 0).numpy().repeat(4, axis=0).repeat(4, axis=1)  # nearest neighbour
+    assert margin > 20 and np.array_equal(picture[:side, margin:margin + side], first)
+    caption_rows = picture.shape[0] - 3 * side - 2 * gap  # two caption lines: under the VAE and tokenizer rows
+    assert caption_rows > 2 * 8
+    under_tokenizer = picture[-caption_rows // 2:, margin:margin + side]
+    assert (under_tokenizer < 128).any(), "the tokenizer tile's caption is written"
+    under_original = picture[side:side + gap, margin:margin + side]
+    assert (under_original == 255).all(), "the originals carry no caption"
+
+
+def test_usage_map_paints_each_positions_usage_over_the_latent_layout(setup):
+    from revq_pipe.stages.grid import usage_per_element
+
+    tokenizer = RevqTokenizer.from_pretrained(setup.run / "tokenizer", device="cpu")
+    usage = torch.linspace(0, 1, tokenizer.num_tokens)
+    painted = usage_per_element(usage, tokenizer.latent_shape).reshape(-1)  # (C*H*W,) in (C, H, W) order
+    for token in tokenizer.token_layout():
+        assert (painted[token["flat_start"]:token["flat_stop"]] == usage[token["position"]].item()).all()
+    report = run_evaluate(setup.cfg, run=str(setup.run), split="val", images=None, from_cache=True)
+    picture = Image.open(setup.run / "eval_val_latents_usage.png")
+    assert picture.format == "PNG" and picture.size[0] > 200 and report["codebook_usage"] > 0
+
+
+def test_eval_reads_its_own_settings_not_encodes(setup):
+    """eval decodes with eval.num_workers; an encode.num_workers no DataLoader accepts does not reach it."""
+    cfg = make_config(setup.run.parent, setup.vae, setup.images, **{"encode.num_workers": -1, "eval.num_workers": 0,
+                                                                      "eval.limit": 2})
+    assert run_evaluate(cfg, run=str(setup.run), split="val", images=None, from_cache=False)["num_images"] == 2
+    with pytest.raises(ValueError, match="num_workers"):
+        run_evaluate(make_config(setup.run.parent, setup.vae, setup.images, **{"eval.num_workers": -1}),
+                     run=str(setup.run), split="val", images=None, from_cache=False)
 
 
 def test_fid_is_and_lpips_plumbing_with_stand_in_networks(setup, monkeypatch):

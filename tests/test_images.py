@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from revq_pipe.pipeline.images import ImageDecodeError, decode_image, preprocess, recipe, to_uint8
+from revq_pipe.pipeline.images import ImageDecodeError, as_model_batch, decode_image, preprocess, recipe, to_uint8
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -147,3 +147,27 @@ def test_decode_error_pickles():
 
     error = pickle.loads(pickle.dumps(ImageDecodeError("k", "why")))
     assert (error.key, error.reason, str(error)) == ("k", "why", "cannot decode image 'k': why")
+
+
+@pytest.mark.parametrize("mode, array", [
+    ("L", np.arange(40 * 50, dtype=np.uint8).reshape(40, 50)),
+    ("RGBA", np.arange(40 * 50 * 4, dtype=np.uint8).reshape(40, 50, 4)),
+    ("I;16", (np.arange(40 * 50).reshape(40, 50) * 31).astype(np.uint16)),
+    ("RGB", np.arange(40 * 50 * 3, dtype=np.uint8).reshape(40, 50, 3)),
+])
+def test_numpy_images_are_read_as_pillow_reads_the_same_pixels(mode, array):
+    """The same content is treated the same way: a numpy array and the PIL image of its pixels give one batch."""
+    expected = as_model_batch(Image.fromarray(array), 32)
+    assert Image.fromarray(array).mode == mode
+    assert torch.equal(as_model_batch(array, 32), expected)
+    if array.ndim == 2:
+        assert torch.equal(as_model_batch(array[..., None], 32), expected)  # (H, W, 1)
+    batch = np.stack([array, array]) if array.ndim == 3 else np.stack([array, array])[..., None]  # (B, H, W, C)
+    assert torch.equal(as_model_batch(batch, 32), torch.cat([expected, expected]))
+
+
+@pytest.mark.parametrize("array", [np.zeros((200, 48, 3), np.float32), np.zeros((2, 48, 64), np.uint8),
+                                   np.zeros((40, 50, 3), np.uint16)])
+def test_numpy_images_that_are_refused_name_the_shape_passed(array):
+    with pytest.raises(ValueError, match=rf"shape \({', '.join(map(str, array.shape))}\) and dtype {array.dtype}"):
+        as_model_batch(array, 32)

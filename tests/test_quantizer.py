@@ -86,6 +86,27 @@ def test_result_does_not_depend_on_the_memory_budget():
     assert torch.equal(tiny.nearest(tokens), quantizer.nearest(tokens))
 
 
+def test_deferred_search_is_exact_within_its_capacity_and_says_when_it_is_not():
+    # ties everywhere (small integers, duplicated codes): many rows need the exact re-decision
+    generator = torch.Generator().manual_seed(2)
+    quantizer = make_quantizer((4, 4, 4), 8, 40, search_memory_mb=0.05)  # a budget for 8 re-decisions
+    assert quantizer.deferred_capacity() == 8
+    with torch.no_grad():
+        quantizer.codebooks.copy_(torch.randint(-2, 3, quantizer.codebooks.shape, generator=generator).float())
+        quantizer.codebooks[:, 30:] = quantizer.codebooks[:, :10]
+    many = torch.randint(-2, 3, (64, 8, 8), generator=generator).float()
+    exact = brute_force(many, quantizer.codebooks, torch.float32)
+    ids, check = quantizer.nearest(many, deferred=True)
+    assert not check.holds(), f"{(ids != exact).sum()} ties cannot fit {quantizer.deferred_capacity()} slots"
+    few = many[:1]  # at most 8 unsure rows: within the capacity
+    ids, check = quantizer.nearest(few, deferred=True)
+    assert check.holds() and torch.equal(ids, exact[:1]) and torch.equal(ids, quantizer.nearest(few))
+    distinct = make_quantizer((4, 4, 4), 8, 40, search_memory_mb=0.05)  # random codes: no ties at all
+    calm = torch.randn(64, 8, 8, generator=generator)
+    ids, check = distinct.nearest(calm, deferred=True)
+    assert check.holds() and torch.equal(ids, brute_force(calm, distinct.codebooks))
+
+
 # --- memory bound ---------------------------------------------------------------------------------
 
 

@@ -160,3 +160,18 @@ def test_zarr_group_and_array_on_s3(s3_bucket):
     assert read["latents"].dtype == np.float16 and read["keys"][3] == "k3"
     with pytest.raises(Exception, match="read.only|read_only"):
         read["latents"][0] = 0
+
+
+def test_access_denied_is_named_with_the_url_and_the_fix():
+    """What s3fs raises for a 403 (its own translation of botocore's error) becomes one line; others stay as they are."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    denied = translate_boto_error(ClientError({"Error": {"Code": "AccessDenied", "Message": "Access Denied"}},
+                                              "PutObject"))
+    assert isinstance(denied, PermissionError)
+    message = storage.describe_failure(denied, "s3://bucket/val.zarr")
+    assert message.startswith("cannot use s3://bucket/val.zarr: access was denied; use credentials that may")
+    assert storage.describe_failure(FileNotFoundError("bucket/val.zarr/zarr.json"), "s3://bucket/val.zarr") is None
+    assert storage.describe_failure(PermissionError("local file"), "/tmp/x") is None  # not an object store
+    assert storage.describe_failure(ValueError("unrelated")) is None

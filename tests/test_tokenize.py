@@ -109,13 +109,16 @@ def test_interrupted_export_resumes_to_the_same_store(setup, tmp_path, monkeypat
 
 def test_token_writer_checks_its_inputs(tmp_path):
     spec = dict(num_inputs=3, split="val", num_tokens=2, codebook_size=70000, layout={}, tokenizer={"dir": "t"},
-                vae={"source": None}, source={"kind": "cache"}, chunk_size=2)
+                vae={"source": None}, source={"kind": "cache"}, augment={"name": "none", "views": ["original"]},
+                chunk_size=2)
     writer = TokenWriter.open(tmp_path / "t.zarr", **spec)
     assert writer.attrs["ids_dtype"] == "int32"  # K > 65536 does not fit uint16
     with pytest.raises(ValueError, match="outside the codebook"):
-        writer.write_unit(0, np.array([[0, 70000], [1, 2]]), np.array([0, 0]), ["a", "b"])
+        writer.write_unit(0, np.array([[[0, 70000]], [[1, 2]]]), np.array([0, 0]), ["a", "b"])
     with pytest.raises(ValueError, match="do not describe"):
-        writer.write_unit(1, np.zeros((2, 2)), np.zeros(2), ["c", "d"])  # unit 1 holds one input
+        writer.write_unit(1, np.zeros((2, 1, 2)), np.zeros(2), ["c", "d"])  # unit 1 holds one input
+    with pytest.raises(ValueError, match="1 views of 2 tokens"):
+        writer.write_unit(0, np.zeros((2, 2)), np.zeros(2), ["a", "b"])  # ids without the view axis
     with pytest.raises(CacheError, match="units of .* are not written"):
         writer.finalize()
     with pytest.raises(CacheError, match="other settings"):
@@ -146,3 +149,72 @@ def test_two_processes_through_the_cli_write_the_same_ids(setup, tmp_path):
     two = TokenStore.open(tmp_path / "two.zarr")
     assert two.keys() == TokenStore.open(single).keys()
     assert np.array_equal(two.ids(), TokenStore.open(single).ids())
+
+
+# --- augmented exports: every view of every image, one row per view (pipeline/views.py) ---------------
+
+
+def test_views_are_the_flip_and_the_ten_crops_of_the_decoded_image():
+    from revq_pipe.pipeline.views import view_set
+
+    ten = view_set("ten-crop", 4)
+    assert ten.source_resolution == 4 and ten.num_views == 10  # int(4 * 1.1) = 4: every crop is the whole image
+    ten = view_set("ten-crop", 10)  # S = 11: crops at offsets 0 and 1, the centre at round(0.5) = 0
+    image = torch.arange(3 * 11 * 11, dtype=torch.float32).view(1, 3, 11, 11)
+    views = ten(image)[0]  # (10, 3, 10, 10)
+    assert views.shape == (10, 3, 10, 10)
+    corners = [views[v, 0, 0, 0].item() for v in range(5)]  # top-left pixel of tl, tr, bl, br, centre
+    assert corners == [0.0, 1.0, 11.0, 12.0, 0.0]
+    assert all(torch.equal(views[v + 5], views[v].flip(-1)) for v in range(5))
+    assert ten.names[5] == "top-left-flip" and ten.describe()["num_views"] == 10
+    flip = view_set("flip", 11)(image)[0]
+    assert torch.equal(flip[0], image[0]) and torch.equal(flip[1], image[0].flip(-1))
+
+
+def test_flip_export_stores_both_views_of_every_image(setup, tmp_path):
+    from revq_pipe.pipeline.views import view_set
+
+    cfg = make_config(setup.run.parent, setup.vae, setup.images, **{"tokenize.augment": "flip"})
+    store = TokenStore.open(run_tokenize(cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                                         out=str(tmp_path / "flip.zarr"), overwrite=False))
+    assert (store.num_images, store.num_samples, store.view_names) == (NUM_GOOD_IMAGES, 2 * NUM_GOOD_IMAGES,
+                                                                       ["original", "flip"])
+    assert store.views().tolist() == [0, 1] * NUM_GOOD_IMAGES and store.attrs["augment"]["name"] == "flip"
+    keys = LatentCache.open(setup.cache).keys()
+    assert store.keys() == [k for k in keys for _ in range(2)] and store.attrs["source"]["classes"] == ["cats", "dogs"]
+
+    # each row's ids are the tokenizer's ids of that view of its image
+    vae = FrozenVAE.load(str(setup.vae), device="cpu")
+    tokenizer = RevqTokenizer.from_pretrained(setup.run / "tokenizer", vae=vae, device="cpu")
+    dataset = open_image_dataset(setup.images)
+    images = torch.stack([x for _, x, _ in (DecodedImages(dataset, RESOLUTION)[i] for i in range(len(dataset)))
+                          if x is not None])
+    expected = tokenizer.encode(view_set("flip", RESOLUTION)(images).flatten(0, 1))  # (2 N, T), image by image
+    assert torch.equal(torch.from_numpy(store.ids().astype(np.int64)), expected)
+    original = tokenizer.encode(images)
+    assert torch.equal(torch.from_numpy(store.ids()[0::2].astype(np.int64)), original)
+    assert not np.array_equal(store.ids()[0::2], store.ids()[1::2]), "a mirror image has other tokens"
+
+
+def test_ten_crop_export_cuts_ten_views_from_a_larger_resize(setup, tmp_path):
+    from revq_pipe.pipeline.views import view_set
+
+    views = view_set("ten-crop", RESOLUTION)
+    cfg = make_config(setup.run.parent, setup.vae, setup.images, **{"tokenize.augment": "ten-crop",
+                                                                     "tokenize.batch_size": 20})
+    store = TokenStore.open(run_tokenize(cfg, run=str(setup.run), split="val", images=str(setup.images), cache=None,
+                                         out=str(tmp_path / "ten.zarr"), overwrite=False))
+    assert store.num_samples == 10 * NUM_GOOD_IMAGES and store.attrs["augment"]["source_resolution"] == 35
+    vae = FrozenVAE.load(str(setup.vae), device="cpu")
+    tokenizer = RevqTokenizer.from_pretrained(setup.run / "tokenizer", vae=vae, device="cpu")
+    dataset = open_image_dataset(setup.images)
+    first = DecodedImages(dataset, views.source_resolution)[0][1]  # (3, 35, 35): the recipe at S = int(1.1 R)
+    expected = tokenizer.encode(views(first[None])[0])  # (10, T)
+    assert torch.equal(torch.from_numpy(store.ids()[:10].astype(np.int64)), expected)
+
+
+def test_a_latent_cache_cannot_be_augmented(setup, tmp_path):
+    cfg = make_config(setup.run.parent, setup.vae, setup.images, **{"tokenize.augment": "flip"})
+    with pytest.raises(ValueError, match="--augment flip needs images"):
+        run_tokenize(cfg, run=str(setup.run), split="val", images=None, cache=str(setup.cache),
+                     out=str(tmp_path / "c.zarr"), overwrite=False)

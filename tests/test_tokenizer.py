@@ -126,7 +126,7 @@ def test_encode_takes_what_users_hold_and_refuses_the_wrong_value_range(tmp_path
     assert torch.equal(tokenizer.encode(unit, value_range=(0, 1)), tokenizer.encode(unit * 2 - 1))
     with pytest.raises(ValueError, match=r"\[0, 255\]"):
         tokenizer.encode(pixels.float())
-    with pytest.raises(ValueError, match="HWC uint8"):
+    with pytest.raises(ValueError, match=r"shape \(2, 64, 64, 3\) and dtype float32; pass uint8"):
         tokenizer.encode(hwc.astype(np.float32))
 
     # decode takes ids as the token store holds them: numpy, any integer dtype
@@ -158,3 +158,19 @@ def test_token_layout(num_tokens, expected):
     flat = torch.arange(2048.0).view(1, *SHAPE)
     tokens = MultiGroupQuantizer(SHAPE, num_tokens, 2).to_tokens(flat)[0]  # (T, d)
     assert tokens[position, 0].item() == layout[position]["flat_start"]
+
+
+def test_one_resolver_decides_the_vae_and_the_image_side():
+    """Named values win for the VAE; a named image side must be the recorded recipe's (it decides the latents)."""
+    tokenizer = tiny_tokenizer(vae_identity={"source": "/models/vae", "class": "AutoencoderDC", "weights_sha256": "a"})
+    assert tokenizer.vae_source() == "/models/vae" and tokenizer.vae_source("/other/copy") == "/other/copy"
+    assert tokenizer.image_resolution() == tokenizer.resolution == 64 == tokenizer.image_resolution(64)
+    with pytest.raises(ValueError, match="data.resolution=48 cannot be honoured: this tokenizer's image recipe is 64 px"):
+        tokenizer.image_resolution(48, what="data.resolution")
+    unnamed = tiny_tokenizer()  # trained on imported latents: no VAE, and here no recipe either
+    unnamed.image_recipe = {}
+    with pytest.raises(ValueError, match="records no VAE"):
+        unnamed.vae_source()
+    assert unnamed.image_resolution(48) == 48
+    with pytest.raises(ValueError, match="records no image resolution"):
+        unnamed.resolution

@@ -35,3 +35,19 @@ def test_tolerance_curve_and_tokenizer_points(tmp_path, monkeypatch):
 
     again = json.loads(run_tolerance(cfg, run=str(setup.run), images=str(setup.images)).read_text())
     assert again["curve"] == report["curve"], "the seeded noise makes the analysis reproducible"
+
+
+def test_tolerance_reads_its_own_section(tmp_path, monkeypatch):
+    """The noise draw is tolerance.seed's (not train.seed's) and decoding uses tolerance.num_workers (not encode's)."""
+    monkeypatch.delenv("REVQ_FID_WEIGHTS", raising=False)
+    monkeypatch.delenv("REVQ_LPIPS_WEIGHTS", raising=False)
+    setup = make_eval_setup(tmp_path)
+
+    def curve(**settings):
+        cfg = make_config(tmp_path, setup.vae, setup.images, **{"tolerance.sigmas": [0.5], "tolerance.limit": 4,
+                                                                 **settings})
+        return json.loads(run_tolerance(cfg, run=str(setup.run), images=str(setup.images)).read_text())["curve"]
+
+    reference = curve()
+    assert curve(**{"train.seed": 7, "encode.num_workers": -1}) == reference  # -1: no DataLoader takes it
+    assert curve(**{"tolerance.seed": 7}) != reference

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from revq_pipe.pipeline.precision import ieee_float32
+
 FID_WEIGHTS_ENV = "REVQ_FID_WEIGHTS"
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = (
@@ -216,7 +218,7 @@ class FIDInceptionV3(nn.Module):
                 f"FIDInceptionV3 expects uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}"
             )
         x = images.to(self.fc.weight.device, torch.float32) / 255.0
-        with torch.autocast(x.device.type, enabled=False):  # the standard features are float32
+        with ieee_float32(x.device):  # the standard features are IEEE float32: no autocast, no TF32
             return self._features_and_logits(x)
 
     def _features_and_logits(self, x: torch.Tensor) -> InceptionOutput:

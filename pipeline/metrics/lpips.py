@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .inception import file_sha256, resolve_weights_path
+from revq_pipe.pipeline.metrics.inception import file_sha256, resolve_weights_path
+from revq_pipe.pipeline.precision import ieee_float32
 
 LPIPS_WEIGHTS_ENV = "REVQ_LPIPS_WEIGHTS"
 ALEXNET_FILENAME = "alexnet-owt-7be5be79.pth"
@@ -95,7 +96,7 @@ class LPIPS(nn.Module):
             )
         device = self.shift.device
         a, b = (_to_signed_unit(x).to(device) for x in (a, b))
-        with torch.autocast(device.type, enabled=False):  # float32 whatever the caller's autocast
+        with ieee_float32(device):  # IEEE float32 whatever the caller's autocast or TF32 setting
             return self._distance(a, b)
 
     def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
