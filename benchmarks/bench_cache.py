@@ -4,7 +4,7 @@
 
 Prints, for each codec and chunk shape: bytes per sample and size relative to raw float32, write
 and full-read time. Then random 256-sample minibatch throughput straight from Zarr vs gathered
-from the split loaded in memory (and the cache's own chunk-shuffled stream), the end-to-end
+from the split loaded in memory (and training's streamed reads, cache/loader.py), the end-to-end
 writer time, and the float16 storage error relative to the latent std. Uses the latents of
 --source (a cache such as artifacts/cache/train.zarr) when it exists, else synthetic DC-AE-like
 latents: per-element mean offsets and scales around a normal core.
@@ -32,11 +32,13 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from revq_pipe.cache import storage
+from revq_pipe.cache.loader import LatentSource
 from revq_pipe.cache.reader import LatentCache
 from revq_pipe.cache.schema import LATENT_CODEC, latent_compressors
 from revq_pipe.cache.writer import CacheWriter
+from revq_pipe.stages.config import TrainConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' S3 server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.s3_server: the tests' S3 server
 
 CODECS = {
     "none": [],
@@ -91,7 +93,7 @@ def write_store(location, data32: np.ndarray) -> float:
     start = time.perf_counter()
     writer = CacheWriter.open(location, num_inputs=n, latent_shape=data32.shape[1:], split="bench",
                               vae_identity={"source": "bench", "class": None, "weights_sha256": None},
-                              image_recipe={}, chunk_size=256)
+                              image_recipe={}, source=None, chunk_size=256)
     for u in writer.pending_units():
         lo, hi = writer.unit_range(u)
         writer.write_unit(u, data32[lo:hi], np.full(hi - lo, -1), [f"{i}" for i in range(lo, hi)], [])
@@ -102,7 +104,7 @@ def write_store(location, data32: np.ndarray) -> float:
 def object_storage_section(root: Path, data32: np.ndarray) -> None:
     """Encode-store writes and whole-split reads: local moto S3 server vs local disk, side by side."""
     try:
-        from s3_server import S3TestServer  # tests/s3_server.py: the tests' S3 server
+        from tests.s3_server import S3TestServer
     except ImportError as err:
         print(f"\nobject storage: skipped ({err}; install moto[server] and s3fs)")
         return
@@ -198,14 +200,15 @@ def main() -> None:
         gather_idx = [torch.from_numpy(idx) for idx in batches]
         zarr_s = timed(lambda: [torch.from_numpy(array.oindex[idx]).float() for idx in batches]) / len(batches)
         memory_s = timed(lambda: [in_memory[idx].float() for idx in gather_idx], repeats=3) / len(batches)
-        stream = cache.iter_batches(min(args.batch, n), seed=0, epoch=0)
+        streamed = LatentSource(cache, torch.device("cpu"), "never", shuffle_window=TrainConfig().shuffle_window)
+        stream = streamed.epoch_batches(min(args.batch, n), seed=0, epoch=0)
         stream_s = timed(lambda: [next(stream) for _ in range(min(args.batches, n // args.batch))]) / max(
             1, min(args.batches, n // args.batch))
         b = min(args.batch, n)
         print(f"load whole split into memory: {load_s * 1e3:.0f} ms ({n / load_s:,.0f} samples/s)")
         print(f"{'random ' + str(b) + '-sample minibatch':40} {'ms/batch':>9} {'samples/s':>12}")
         for name, seconds in [("Zarr on disk, random indices", zarr_s), ("in memory, index gather", memory_s),
-                              ("iter_batches (chunk-shuffled stream)", stream_s)]:
+                              ("streamed (training's LatentSource)", stream_s)]:
             print(f"{name:40} {seconds * 1e3:9.2f} {b / seconds:12,.0f}")
         print(f"memory gather is {zarr_s / memory_s:,.0f}x faster than random Zarr reads")
 

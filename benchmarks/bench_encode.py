@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the tests' tiny VAE and S3 server helpers
+sys.path.insert(0, str(REPO))  # tests.helpers_vae, tests.s3_server: the tests' tiny VAE and S3 server
 
 from revq_pipe.pipeline.images import decode_image, preprocess  # noqa: E402
 from revq_pipe.pipeline.vae import FrozenVAE  # noqa: E402
@@ -48,7 +48,7 @@ def default_vae(scratch: Path) -> str:
     demo = REPO / "demo" / "vae"
     if (demo / "config.json").is_file():
         return str(demo)
-    from helpers_vae import make_tiny_vae
+    from tests.helpers_vae import make_tiny_vae
 
     print("demo/vae not found: using a tiny random AutoencoderDC (numbers then measure mostly the overhead)")
     return str(make_tiny_vae(scratch))
@@ -57,7 +57,7 @@ def default_vae(scratch: Path) -> str:
 def encode_to_local_s3(cfg, images: str) -> float | None:
     """Seconds of the same run_encode into s3:// on a moto server on 127.0.0.1 (None without moto)."""
     try:
-        from s3_server import S3TestServer  # tests/s3_server.py: the tests' S3 server
+        from tests.s3_server import S3TestServer
     except ImportError as err:
         print(f"encode to S3: skipped ({err}; install moto[server] and s3fs)")
         return None

@@ -176,7 +176,8 @@ def online_setup(cfg: RevqConfig, device: torch.device, files: list[str], cache_
     start = time.perf_counter()
     writer = CacheWriter.open(cache_path, num_inputs=len(files), latent_shape=vae.latent_shape(resolution),
                               split="train", vae_identity=vae.identity, image_recipe=recipe(resolution),
-                              chunk_size=cfg.encode.chunk_size, latent_dtype=cfg.encode.latent_dtype)
+                              source=str(Path(files[0]).parent), chunk_size=cfg.encode.chunk_size,
+                              latent_dtype=cfg.encode.latent_dtype)
     for u in range(writer.num_units):
         lo, hi = writer.unit_range(u)
         writer.write_unit(u, latents[lo:hi].numpy(), np.full(hi - lo, -1), [Path(f).name for f in files[lo:hi]])

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 SHAPE = (32, 8, 8)
 UNIT = 256
-SPEC = dict(latent_shape=SHAPE, split="train", image_recipe={"resolution": 256},
+SPEC = dict(latent_shape=SHAPE, split="train", image_recipe={"resolution": 256}, source=None,
             vae_identity={"source": "synthetic", "class": "AutoencoderDC", "weights_sha256": "0" * 64},
             chunk_size=UNIT)
 

@@ -2,8 +2,9 @@
 # Everything only a GPU can show, as one prepared run (sized for about 7 minutes on an H200: give it timeout_s 540).
 #   here:   make setup && bash benchmarks/device_wheels.sh
 #   there:  device tool run, carry [".whl"]:  bash benchmarks/device_check.sh
-# Writes its whole log to $OUT/device_check.log and the figures the README's GPU rows need to
-# $OUT/device_figures.jsonl (one JSON object per measurement), so that one run fills them.
+# Writes its whole log to $OUT/device_check.log and the figures that the GPU rows of docs/measurements.md
+# and docs/scale.md need to $OUT/device_figures.jsonl (one JSON object per measurement), so that one run
+# fills them.
 #  (1) the device and the versions
 #  (2) the exact search on the GPU: ids equal to the CPU's on the same inputs (512T, and 256T-L's K), the
 #      deferred exactness check (no host sync) equal too

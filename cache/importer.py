@@ -54,7 +54,7 @@ def import_tensor(
     labels = _load_labels(Path(labels_path), n) if labels_path is not None else np.full(n, -1, dtype=np.int32)
     writer = CacheWriter.open(out, num_inputs=n, latent_shape=latents.shape[1:], split=split,
                               vae_identity=vae_identity or unknown_vae_identity(),
-                              image_recipe=IMPORTED_IMAGE_RECIPE, chunk_size=chunk_size,
+                              image_recipe=IMPORTED_IMAGE_RECIPE, source=None, chunk_size=chunk_size,
                               latent_dtype=latent_dtype, overwrite=overwrite, create=True, options=options)
     for u in writer.pending_units():
         start, stop = writer.unit_range(u)

@@ -1,6 +1,6 @@
 """Where a split's latents live while a job reads them, and in which order training sees them.
 
-The order is the contract (README, "Several GPUs"): an epoch's order of samples is a function of the
+The order is the contract (docs/scale.md): an epoch's order of samples is a function of the
 seed, the epoch and the number of samples only, and so is every global batch. Whether the split is
 resident (in memory or on the GPU) or streamed from the store, and how many ranks share it, only
 changes who reads which rows: rank r of W takes the r-th of W equal, contiguous slices of every global

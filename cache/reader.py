@@ -13,14 +13,13 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import zarr
 
 from revq_pipe.cache import storage
-from revq_pipe.cache.collective import rank_slice  # noqa: F401 (its old home; callers import it from here)
 from revq_pipe.cache.schema import FORMAT, FORMAT_VERSION, CacheError, CacheManifest
 from revq_pipe.cache.staging import as_location, read_store_attrs, staged_unit_ids
 from revq_pipe.pipeline.vae_identity import VaeMismatchError, require_same_vae

@@ -24,10 +24,9 @@ FORMAT_VERSION = 1
 LATENT_DTYPES = ("float16", "float32")
 STAGING_DIR = "_staging"  # per-unit parts of an unfinished store; removed when it completes
 
-# Measured by benchmarks/bench_cache.py on (4096, 32, 8, 8) float16 latents, 256-row chunks: Blosc zstd
-# level 5 with byte shuffle stores 0.427x of raw float32 (1.17x over float16), levels 1-3 only 0.461x,
-# bit shuffle, lz4 and plain zstd 0.46-0.50x; level 7+ saves <0.5% more at 2-20x the write time.
-# Writes still run far faster than the VAE encodes; reads are as fast as with lighter levels.
+# Blosc zstd level 5 with byte shuffle: the smallest float16 latents among the codecs tried, at a write speed
+# far above what the VAE encodes and reads as fast as the lighter levels; higher levels save little more at
+# several times the write cost. The measurements and the command that makes them: docs/cache_codecs.md.
 LATENT_CODEC = {"cname": "zstd", "clevel": 5, "shuffle": "shuffle"}
 
 

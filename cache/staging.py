@@ -7,7 +7,7 @@ memory and written by one `storage.write_bytes_atomic` (locally a temporary file
 on an object store a single PUT), so a unit is either fully there or absent and a killed run
 restarted with the same arguments redoes only what is missing. Which units are staged is found by
 listing the staging prefix once. Phase two runs on every rank at once (`_summarize_blocks`,
-`_write_rows`): the ranks read the units' small summaries block by block and exchange them, so each
+`_assemble_rows`): the ranks read the units' small summaries block by block and exchange them, so each
 knows where every unit's rows land; then each rank writes a contiguous share of whole chunks of the
 final arrays from the units that cover them. Rows are placed by unit order and summaries merged in a
 fixed tree (units within blocks of STATS_BLOCK_UNITS, then blocks in order), never by rank, so any
@@ -39,10 +39,11 @@ import numpy as np
 import zarr
 
 from revq_pipe.cache import storage
-from revq_pipe.cache.collective import SINGLE_PROCESS, Collective, rank_slice, run_everywhere
+from revq_pipe.cache.collective import Collective, rank_slice, run_everywhere
 from revq_pipe.cache.schema import STAGING_DIR, CacheError
 
 _UNIT_NAME = re.compile(r"^unit_(\d+)\.npz$")
+RowMaker = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # units' members of some inputs -> their rows
 STATS_BLOCK_UNITS = 64  # units per block of the fixed tree that unit summaries are merged in
 WRITE_BLOCK_CHUNKS = 8  # chunks handed to Zarr per write call during assembly (Zarr writes them concurrently)
 
@@ -83,13 +84,32 @@ def staged_unit_ids(path: str | os.PathLike, options: dict[str, Any] | None = No
 
 
 def spec_differences(stored: dict[str, Any], wanted: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
-    """Spec fields whose stored value differs from the wanted one, as 'name: stored -> wanted'.
+    """'field: stored -> wanted' for every spec field whose stored value differs (empty: the same spec).
 
-    `wanted` is compared as JSON would store it (tuples become lists).
+    `wanted` is compared as JSON would store it (tuples become lists). For a mapping (the VAE identity, the
+    image recipe, ...) only its entries that differ are listed, as 'vae.weights_sha256: 3fa2c1d09e8b... -> ...'.
     """
     wanted = json.loads(json.dumps(wanted))
-    return [f"{name}: {stored.get(name)!r} -> {wanted[name]!r}" for name in fields
-            if stored.get(name) != wanted[name]]
+    changes = []
+    for name in fields:
+        old, new = stored.get(name), wanted.get(name)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += [f"{name}.{key}: {_shown(old.get(key))} -> {_shown(new.get(key))}"
+                        for key in sorted({*old, *new}) if old.get(key) != new.get(key)]
+        else:
+            changes.append(f"{name}: {_shown(old)} -> {_shown(new)}")
+    return changes
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: a hash by its first 12 hex digits, a long list or mapping cut short; a path or URL
+    whole (two paths may differ only at their ends)."""
+    text = repr(value)
+    if isinstance(value, str):
+        return text[:13] + "...'" if len(value) > 40 and "/" not in value else text
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class StagedWriter:
@@ -200,7 +220,7 @@ class StagedWriter:
     def _refusal(cls, path: str | Path, stored: dict[str, Any], resumable: bool, attrs: dict[str, Any]) -> str:
         """Why an existing store cannot be reused (what differs from this run, and what it was made from), and
         what to do."""
-        changes = "; ".join(cls._changes(stored, attrs)) or "no setting"
+        changes = "; ".join(spec_differences(stored, attrs, cls.SPEC_FIELDS)) or "no setting"
         if resumable:
             return (f"{path} holds an unfinished {cls.NOUN} started with other settings (stored -> now: {changes}); "
                     "rerun with the original settings to resume it, or pass --overwrite to discard it")
@@ -211,29 +231,6 @@ class StagedWriter:
                     f"{cls.OUT_HINT}")
         return (f"{path} holds a Zarr store that is not a {cls.NOUN}; pass --overwrite to replace it, "
                 f"or choose another {cls.OUT_HINT}")
-
-    @classmethod
-    def _changes(cls, stored: dict[str, Any], attrs: dict[str, Any]) -> list[str]:
-        """'key: stored -> now' for every spec field that differs; for a mapping (the VAE identity, the image
-        recipe, ...) only its entries that differ, as 'vae.weights_sha256: 3fa2c1d09e8b... -> ...'."""
-        def shown(value: Any) -> str:  # a hash by its first 12 hex digits, a long list or mapping cut short
-            text = repr(value)
-            if isinstance(value, str) and len(value) > 40 and "/" not in value:
-                return text[:13] + "...'"
-            return text if len(text) <= 80 else text[:77] + "..."
-
-        wanted = json.loads(json.dumps(attrs))  # as JSON would store it (tuples become lists)
-        changes = []
-        for name in cls.SPEC_FIELDS:
-            old, new = stored.get(name), wanted.get(name)
-            if old == new:
-                continue
-            if isinstance(old, dict) and isinstance(new, dict):
-                changes += [f"{name}.{key}: {shown(old.get(key))} -> {shown(new.get(key))}"
-                            for key in sorted({*old, *new}) if old.get(key) != new.get(key)]
-            else:
-                changes.append(f"{name}: {shown(old)} -> {shown(new)}")
-        return changes
 
     # ---- phase one: staging ---------------------------------------------------------------------
 
@@ -319,27 +316,59 @@ class StagedWriter:
         _, shares = run_everywhere(collective, lambda: [summarize(blocks[b]) for b in range(lo, hi)])
         return [summary for share in shares for summary in share]
 
-    def _write_rows(self, arrays: dict[str, zarr.Array], unit_rows: list[int], collective: Collective) -> None:
-        """This rank's contiguous share of whole chunks of the final row arrays (named as the units' ROW_ARRAYS),
-        copied from the staged units that cover them; unit u holds unit_rows[u] rows, placed in unit order."""
-        offsets = np.concatenate([[0], np.cumsum(unit_rows, dtype=np.int64)])  # unit u: [offsets[u], offsets[u+1])
-        total, rows_per_chunk = int(offsets[-1]), self.chunk_size
-        lo, hi = rank_slice(-(-total // rows_per_chunk), collective.rank, collective.world_size)
+    def _inputs_summary(self, units: range, parts: list[dict[str, np.ndarray]]) -> dict[str, list]:
+        """What a block summary holds for every writer: the rows (readable inputs) of each of the consecutive
+        `units` and their skipped inputs' keys and reasons, from the units' summaries `parts`."""
+        skipped = [part["skipped_keys"].tolist() for part in parts]
+        return {"rows": [len(range(*self.unit_range(u))) - len(keys) for u, keys in zip(units, skipped)],
+                "skipped_keys": [key for keys in skipped for key in keys],
+                "skipped_reasons": [reason for part in parts for reason in part["skipped_reasons"].tolist()]}
+
+    @staticmethod
+    def _inputs_of_blocks(blocks: list[dict[str, Any]]) -> tuple[list[int], list[str], list[str]]:
+        """(rows of every unit, skipped keys, skipped reasons) in unit order, from the block summaries."""
+        rows, keys, reasons = ([item for block in blocks for item in block[name]]
+                               for name in ("rows", "skipped_keys", "skipped_reasons"))
+        return rows, keys, reasons
+
+    def _assemble_rows(self, collective: Collective, unit_inputs: list[int],
+                       create_arrays: Callable[[zarr.Group], dict[str, zarr.Array]],
+                       to_rows: RowMaker | None = None, rows_per_input: int = 1) -> zarr.Group:
+        """Rank 0 creates the final row arrays (`create_arrays(group)`), then every rank writes its share of their
+        chunks (`_write_rows`); returns the store's group."""
+        _, created = run_everywhere(collective, lambda: list(create_arrays(self._open_group("r+")))
+                                    if collective.rank == 0 else None)
+        group = self._open_group("r+")
+        run_everywhere(collective, lambda: self._write_rows({name: group[name] for name in created[0]}, unit_inputs,
+                                                            collective, to_rows, rows_per_input), share=False)
+        return group
+
+    def _write_rows(self, arrays: dict[str, zarr.Array], unit_inputs: list[int], collective: Collective,
+                    to_rows: RowMaker | None = None, rows_per_input: int = 1) -> None:
+        """This rank's contiguous share of whole chunks of the final row `arrays`, from the staged units that cover
+        them. Unit u holds unit_inputs[u] inputs (the rows of its ROW_ARRAYS), placed in unit order; a chunk holds
+        chunk_size inputs. Each input becomes `rows_per_input` rows of `arrays`, made by `to_rows` from the
+        ROW_ARRAYS of consecutive inputs (default: the ROW_ARRAYS themselves, one row per input)."""
+        offsets = np.concatenate([[0], np.cumsum(unit_inputs, dtype=np.int64)])  # unit u: [offsets[u], offsets[u+1])
+        total, inputs_per_chunk = int(offsets[-1]), self.chunk_size
+        lo, hi = rank_slice(-(-total // inputs_per_chunk), collective.rank, collective.world_size)
         last = (None, None)  # (unit, its arrays): consecutive write blocks share at most their boundary unit
         for first_chunk in range(lo, hi, WRITE_BLOCK_CHUNKS):
-            start = first_chunk * rows_per_chunk
-            stop = min(min(first_chunk + WRITE_BLOCK_CHUNKS, hi) * rows_per_chunk, total)
-            pieces: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
+            start = first_chunk * inputs_per_chunk
+            stop = min(min(first_chunk + WRITE_BLOCK_CHUNKS, hi) * inputs_per_chunk, total)
+            pieces: dict[str, list[np.ndarray]] = {name: [] for name in self.ROW_ARRAYS}
             first_unit = int(np.searchsorted(offsets, start, side="right")) - 1
             for u in range(first_unit, int(np.searchsorted(offsets, stop, side="left"))):
                 if last[0] != u:
                     with self._load_unit(u) as part:
-                        last = (u, {name: part[name] for name in arrays})
+                        last = (u, {name: part[name] for name in self.ROW_ARRAYS})
                 a, b = max(start, offsets[u]) - offsets[u], min(stop, offsets[u + 1]) - offsets[u]
-                for name in arrays:
+                for name in self.ROW_ARRAYS:
                     pieces[name].append(last[1][name][a:b])
+            members = {name: np.concatenate(parts) for name, parts in pieces.items()}
+            rows = members if to_rows is None else to_rows(members)
             for name, array in arrays.items():
-                array[start:stop] = np.concatenate(pieces[name])
+                array[start * rows_per_input:stop * rows_per_input] = rows[name]
 
     def _open_group(self, mode: str = "r+") -> zarr.Group:
         """The store's Zarr group (LocalStore for a path, FsspecStore for a URL)."""

@@ -19,8 +19,8 @@ shared vocabulary of T K entries (t K + k), and `per_position_ids` back.
 
 Writing is two-phase and resumable like the latent cache (cache/staging.py): units of
 `chunk_size` consecutive inputs are staged atomically (one object each, also on an object store) as
-STORE/_staging/unit_*.npz by whichever
-rank owns them (u % world_size == rank), then rank 0 assembles the arrays in unit order.
+STORE/_staging/unit_*.npz by whichever rank owns them, then every rank assembles a share of the final
+arrays' chunks in unit order, so any number of ranks writes the same bytes.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ from typing import Any, Sequence
 import numpy as np
 import zarr
 
-from revq_pipe.cache.schema import CacheError, small_compressors
-from revq_pipe.pipeline.version import package_version
 from revq_pipe.cache import storage
+from revq_pipe.cache.collective import SINGLE_PROCESS, Collective, run_everywhere
+from revq_pipe.cache.schema import CacheError, small_compressors
 from revq_pipe.cache.staging import StagedWriter, as_location, read_store_attrs
+from revq_pipe.pipeline.version import package_version
 
 TOKEN_FORMAT = "revq-token-store"
 TOKEN_FORMAT_VERSION = 2  # 2: one row per view (views array, augment attribute)
@@ -79,6 +80,7 @@ class TokenWriter(StagedWriter):
     OUT_HINT = "--out"
     SPEC_FIELDS = ("format_version", "split", "num_inputs", "chunk_size", "num_tokens", "codebook_size",
                    "ids_dtype", "layout", "augment", "tokenizer", "vae", "source")
+    ROW_ARRAYS = ("ids", "labels", "keys")
 
     def __init__(self, path: str | os.PathLike, attrs: dict[str, Any],
                  options: dict[str, Any] | None = None) -> None:
@@ -179,36 +181,41 @@ class TokenWriter(StagedWriter):
                   "skipped_reasons": np.array([r for _, r in skipped], dtype=str)}
         self._stage(u, arrays)
 
-    def finalize(self) -> dict[str, Any]:
-        """Assemble one row per view (ids, labels, keys, views) in unit order (rank 0, once every unit is
-        staged); returns the attrs."""
-        self._require_all_staged("rerun with the same arguments to finish them")
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("ids", "labels", "keys", "skipped_keys",
-                                                               "skipped_reasons")}
-        for u in range(self.num_units):  # token ids are small: V * T * 2 bytes per image
-            with self._load_unit(u) as part:
-                for name in parts:
-                    parts[name].append(part[name])
-        data = {name: np.concatenate(arrays) for name, arrays in parts.items()}
-        num_images, V = len(data["keys"]), self.num_views
+    def finalize(self, collective: Collective = SINGLE_PROCESS) -> dict[str, Any]:
+        """Assemble one row per view (ids, labels, keys, views) in unit order, once every unit is staged; every
+        rank of `collective` calls it together (each writes a share of the chunks) and gets the attrs."""
+        run_everywhere(collective, lambda: self._require_all_staged("rerun with the same arguments to finish them"),
+                       share=False)
+        blocks = self._summarize_blocks(collective, lambda units: self._inputs_summary(
+            units, [self._unit_summary(u) for u in units]))
+        unit_images, skipped_keys, skipped_reasons = self._inputs_of_blocks(blocks)
+        num_images = sum(unit_images)
         if num_images == 0:
             raise CacheError(f"all {self.num_inputs} inputs for {self.path} were skipped; nothing to store. "
                              "Check the image source.")
-        data["ids"] = data["ids"].reshape(num_images * V, -1)  # (N, V, T) -> one row per view, image by image
-        data["labels"], data["keys"] = np.repeat(data["labels"], V), np.repeat(data["keys"], V)
-        data["views"] = np.tile(np.arange(V, dtype=np.uint8), num_images)
-        group = self._open_group("r+")
-        cs = self.chunk_size * V
-        for name in ("ids", "labels", "keys", "views"):
-            array = group.create_array(name, shape=data[name].shape, chunks=(cs, *data[name].shape[1:]),
-                                       dtype=str if name == "keys" else data[name].dtype,
-                                       compressors=small_compressors(), overwrite=True)
-            array[...] = data[name]
-        attrs = {**self.attrs, "num_images": int(num_images), "num_samples": int(len(data["keys"])),
-                 "skipped": {"count": int(len(data["skipped_keys"])), "keys": data["skipped_keys"].tolist(),
-                             "reasons": data["skipped_reasons"].tolist()}}
-        self._mark_complete(group, attrs)
+        group = self._assemble_rows(collective, unit_images, lambda group: self._create_arrays(group, num_images),
+                                    to_rows=self._rows_of_views, rows_per_input=self.num_views)
+        attrs = {**self.attrs, "num_images": num_images, "num_samples": num_images * self.num_views,
+                 "skipped": {"count": len(skipped_keys), "keys": skipped_keys, "reasons": skipped_reasons}}
+        run_everywhere(collective, lambda: self._mark_complete(group, attrs) if collective.rank == 0 else None,
+                       share=False)
         return {**attrs, "complete": True}
+
+    def _create_arrays(self, group: zarr.Group, num_images: int) -> dict[str, zarr.Array]:
+        """Empty final arrays of one row per view, chunked chunk_size images (chunk_size * V rows) at a time."""
+        rows, cs = num_images * self.num_views, self.chunk_size * self.num_views
+        shapes = {"ids": ((rows, self.attrs["num_tokens"]), self.attrs["ids_dtype"]), "labels": ((rows,), "int32"),
+                  "keys": ((rows,), str), "views": ((rows,), "uint8")}
+        return {name: group.create_array(name, shape=shape, chunks=(cs, *shape[1:]), dtype=dtype,
+                                         compressors=small_compressors(), overwrite=True)
+                for name, (shape, dtype) in shapes.items()}
+
+    def _rows_of_views(self, images: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The staged members of consecutive images -> their rows, one per view, image by image."""
+        n, V = len(images["keys"]), self.num_views
+        return {"ids": images["ids"].reshape(n * V, -1),  # (n, V, T) -> (n V, T)
+                "labels": np.repeat(images["labels"], V), "keys": np.repeat(images["keys"], V),
+                "views": np.tile(np.arange(V, dtype=np.uint8), n)}
 
 
 class TokenStore:

@@ -28,10 +28,8 @@ import zarr
 
 from revq_pipe.cache.collective import SINGLE_PROCESS, Collective, run_everywhere
 from revq_pipe.cache.schema import FORMAT, LATENT_DTYPES, CacheError, CacheManifest, latent_compressors, small_compressors
-from revq_pipe.cache.staging import StagedWriter, as_location, read_store_attrs
+from revq_pipe.cache.staging import StagedWriter, as_location
 from revq_pipe.cache.stats import MomentAccumulator
-
-__all__ = ["CacheWriter", "read_store_attrs"]  # read_store_attrs lives in cache.staging; re-exported here
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -42,7 +40,7 @@ class CacheWriter(StagedWriter):
     FORMAT = FORMAT
     NOUN = "latent cache"
     CONTENTS = "a cache"
-    SPEC_FIELDS = ("split", "num_inputs", "latent_shape", "latent_dtype", "chunk_size", "vae", "image")
+    SPEC_FIELDS = ("split", "num_inputs", "latent_shape", "latent_dtype", "chunk_size", "vae", "image", "source")
     ROW_ARRAYS = ("latents", "labels", "keys")
 
     def __init__(self, path: str | os.PathLike, manifest: CacheManifest,
@@ -62,6 +60,7 @@ class CacheWriter(StagedWriter):
         split: str,
         vae_identity: dict[str, Any],
         image_recipe: dict[str, Any],
+        source: str | None,
         chunk_size: int = 256,
         latent_dtype: str = "float16",
         overwrite: bool = False,
@@ -78,6 +77,9 @@ class CacheWriter(StagedWriter):
             split: split name recorded in the store.
             vae_identity: {"source", "class", "weights_sha256"} of the encoder.
             image_recipe: preprocessing recipe {"resolution", "resize", "crop", "value_range"}.
+            source: where the inputs come from (the images' path or URL), so that later commands find the
+                images of a cached split and a store of other inputs is never taken for this one; None for
+                latents that come from no image source (an import).
             chunk_size: inputs per work unit and rows per Zarr chunk.
             latent_dtype: "float16" (default) or "float32".
             overwrite: replace a complete cache, or an unfinished one with a different spec.
@@ -90,21 +92,22 @@ class CacheWriter(StagedWriter):
         its staged units are exactly what this call would write again.
         """
         path = as_location(path)
-        manifest = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe,
+        manifest = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe, source,
                                        chunk_size, latent_dtype)
         cls._open_store(path, manifest.to_attrs(), overwrite=overwrite, create=create, options=options)
         return cls(path, manifest, options)
 
     @staticmethod
     def completed(path: str | os.PathLike, *, num_inputs: int, latent_shape: Sequence[int], split: str,
-                  vae_identity: dict[str, Any], image_recipe: dict[str, Any], chunk_size: int = 256,
-                  latent_dtype: str = "float16", options: dict[str, Any] | None = None) -> CacheManifest | None:
+                  vae_identity: dict[str, Any], image_recipe: dict[str, Any], source: str | None,
+                  chunk_size: int = 256, latent_dtype: str = "float16",
+                  options: dict[str, Any] | None = None) -> CacheManifest | None:
         """The manifest of a complete cache at `path` written with exactly `spec`, else None.
 
         Takes the spec arguments of `open`. Rerunning a finished encode with the same command
         is then a no-op rather than an error.
         """
-        wanted = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe,
+        wanted = _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe, source,
                                      chunk_size, latent_dtype)
         attrs = CacheWriter._completed_attrs(path, wanted.to_attrs(), options)
         return None if attrs is None else CacheManifest.from_attrs(attrs)
@@ -148,60 +151,46 @@ class CacheWriter(StagedWriter):
 
     # ---- phase two: assembly --------------------------------------------------------------------
 
-    def finalize(self, ignored: Sequence[str] = (), source: str | None = None,
-                 collective: Collective = SINGLE_PROCESS) -> CacheManifest:
+    def finalize(self, ignored: Sequence[str] = (), collective: Collective = SINGLE_PROCESS) -> CacheManifest:
         """Assemble the final arrays from every staged unit; every rank of `collective` calls it together and
         gets the manifest.
 
-        `ignored` names the source's files that were no inputs (not images); `source` is where the inputs
-        came from (the images' location), so later commands can find the images of a cached split.
+        `ignored` names the source's files that were no inputs (not images).
         """
         run_everywhere(collective, lambda: self._require_all_staged(
             "finish encoding them (rerun with the same arguments) before finalize"), share=False)
 
         # every unit's row count, the statistics and the skipped keys, merged units-in-blocks then blocks
         blocks = self._summarize_blocks(collective, self._block_summary)
-        stats, skipped_keys, skipped_reasons, unit_rows = MomentAccumulator(), [], [], []
+        unit_rows, skipped_keys, skipped_reasons = self._inputs_of_blocks(blocks)
+        stats = MomentAccumulator()
         for block in blocks:
             stats.merge(MomentAccumulator.from_state_dict(block["stats"]))
-            skipped_keys += block["skipped_keys"]
-            skipped_reasons += block["skipped_reasons"]
-            unit_rows += block["rows"]
         if stats.count == 0:
             raise CacheError(f"all {self.num_inputs} inputs for {self.path} were skipped (first: "
                              f"{skipped_keys[0]!r}: {skipped_reasons[0]}); nothing to cache. Check the image source.")
 
         # the final arrays: rank 0 creates them, then every rank writes its share of their chunks
-        run_everywhere(collective, lambda: self._create_arrays(self._open_group("r+"), stats.count)
-                       if collective.rank == 0 else None, share=False)
-        group = self._open_group("r+")
-        run_everywhere(collective, lambda: self._write_rows({name: group[name] for name in self.ROW_ARRAYS},
-                                                            unit_rows, collective), share=False)
+        group = self._assemble_rows(collective, unit_rows, lambda group: self._create_arrays(group, stats.count))
 
         # statistics and the manifest last, and `complete` after everything else (rank 0: small writes)
         manifest = CacheManifest(**{**self.manifest.__dict__, "num_samples": stats.count, "complete": False,
                                     "skipped": {"count": len(skipped_keys), "keys": skipped_keys,
                                                 "reasons": skipped_reasons},
-                                    "ignored": {"count": len(ignored), "keys": list(ignored)},
-                                    "source": source})
+                                    "ignored": {"count": len(ignored), "keys": list(ignored)}})
         run_everywhere(collective, lambda: self._finish(group, stats, manifest) if collective.rank == 0 else None,
                        share=False)
         manifest.complete = True
         return manifest
 
     def _block_summary(self, units: range) -> dict[str, Any]:
-        """Row counts, merged statistics and skipped inputs of consecutive units, from their summaries."""
-        stats, rows, skipped_keys, skipped_reasons = MomentAccumulator(), [], [], []
-        for u in units:
-            part = self._unit_summary(u)
-            unit_stats = MomentAccumulator.from_state_dict(
-                {k[len("stats_"):]: v for k, v in part.items() if k.startswith("stats_")})
-            rows.append(unit_stats.count)  # statistics are of the rows as stored: one per row
-            stats.merge(unit_stats)
-            skipped_keys += part["skipped_keys"].tolist()
-            skipped_reasons += part["skipped_reasons"].tolist()
-        return {"rows": rows, "stats": stats.state_dict(), "skipped_keys": skipped_keys,
-                "skipped_reasons": skipped_reasons}
+        """Row counts, skipped inputs and merged statistics of consecutive units, from their summaries."""
+        parts = [self._unit_summary(u) for u in units]
+        stats = MomentAccumulator()
+        for part in parts:
+            stats.merge(MomentAccumulator.from_state_dict(
+                {k[len("stats_"):]: v for k, v in part.items() if k.startswith("stats_")}))
+        return {**self._inputs_summary(units, parts), "stats": stats.state_dict()}
 
     def _finish(self, group: zarr.Group, stats: MomentAccumulator, manifest: CacheManifest) -> None:
         group.create_array("mean", data=stats.mean().astype(np.float32), compressors=small_compressors(),
@@ -258,7 +247,7 @@ class CacheWriter(StagedWriter):
         return stored, labels.astype(np.int32), keys, skipped
 
 
-def _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe, chunk_size,
+def _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_recipe, source, chunk_size,
                         latent_dtype) -> CacheManifest:
     """Check `CacheWriter.open`'s arguments; ValueError names the value and the fix."""
     if isinstance(num_inputs, bool) or not isinstance(num_inputs, (int, np.integer)) or num_inputs < 1:
@@ -271,6 +260,8 @@ def _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_rec
     if not isinstance(vae_identity, dict) or not {"source", "class", "weights_sha256"} <= set(vae_identity):
         raise ValueError(f"vae_identity={vae_identity!r}: expected a dict with 'source', 'class' and "
                          "'weights_sha256' (FrozenVAE.identity)")
+    if source is not None and not isinstance(source, str):
+        raise ValueError(f"source={source!r}: expected the images' path or URL as a string, or None")
     if not isinstance(image_recipe, dict):
         raise ValueError(f"image_recipe={image_recipe!r}: expected a dict (pipeline.images.recipe(resolution))")
     for name, value in (("vae_identity", vae_identity), ("image_recipe", image_recipe)):
@@ -284,5 +275,5 @@ def _validated_manifest(num_inputs, latent_shape, split, vae_identity, image_rec
     if latent_dtype not in LATENT_DTYPES:
         raise ValueError(f"latent_dtype={latent_dtype!r}: expected one of {LATENT_DTYPES}")
     return CacheManifest(split=split, num_samples=0, latent_shape=tuple(int(s) for s in shape),
-                         latent_dtype=latent_dtype, vae=dict(vae_identity), image=dict(image_recipe),
+                         latent_dtype=latent_dtype, vae=dict(vae_identity), image=dict(image_recipe), source=source,
                          chunk_size=int(chunk_size), num_inputs=int(num_inputs))

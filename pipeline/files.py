@@ -1,4 +1,4 @@
-"""Atomic file and folder writes: a crash, a kill or a full disk never leaves a torn output.
+"""Atomic file and folder writes (a crash, a kill or a full disk never leaves a torn output), and file hashes.
 
 Every output of the project (checkpoints, reports, configs, figures, staging parts, tokenizer
 folders) goes through here: it is written under a temporary name beside its target, flushed,
@@ -9,6 +9,7 @@ sees either the old file or the new one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -71,6 +72,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (a checkpoint may be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _umask() -> int:

@@ -1,7 +1,7 @@
 """Whether the Hugging Face hub can be reached, decided in seconds instead of a minute of retries.
 
-huggingface_hub retries a failed request five times with back-off (~30 s) before giving up. A
-hub id on a machine without network should fail at once and say that the network is the cause.
+huggingface_hub retries a failed request several times with back-off before giving up. A hub id on
+a machine without network should fail at once and say that the network is the cause.
 """
 
 from __future__ import annotations

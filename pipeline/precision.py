@@ -66,9 +66,9 @@ def rectifier_autocast(name: str, device: torch.device) -> contextlib.AbstractCo
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def describe(name: str) -> dict[str, str]:
-    """What policy `name` means, as recorded in metrics.jsonl and a tokenizer's provenance."""
+def describe(name: str, autocast_scope: str) -> dict[str, str]:
+    """What policy `name` means, as a tokenizer's provenance and an evaluation report record it;
+    `autocast_scope` names what bf16 autocasts ("the rectifier", "the VAE")."""
     check_precision(name)
     return {"policy": name, "float32_math": "tf32" if name == "tf32" else "ieee",
-            "rectifier_autocast": "bfloat16" if name == "bf16" else "none",
-            "codebook_search": "ieee float32, exact"}
+            "bfloat16_autocast": autocast_scope if name == "bf16" else "none"}

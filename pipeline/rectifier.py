@@ -29,7 +29,7 @@ from diffusers.models.normalization import RMSNorm
 from diffusers.models.transformers.sana_transformer import GLUMBConv
 from torch import nn
 
-from revq_pipe.pipeline.rectifier_spec import FORWARDS, KINDS, RectifierSpec
+from revq_pipe.pipeline.rectifier_spec import RectifierSpec
 
 
 class EfficientViTRectifier(nn.Module):
@@ -44,21 +44,14 @@ class EfficientViTRectifier(nn.Module):
         residual: add the input to the output and zero-initialise the last conv, so that the module
             starts as the exact identity.
         forward: how the blocks are evaluated, one of FORWARDS (pipeline/rectifier_spec.py).
+
+    The sizes are checked by `RectifierSpec.check`, the rules the config loader applies too.
     """
 
     def __init__(self, channels: int, width: int, depth: int, head_dim: int = 32, residual: bool = True,
                  forward: str = "auto") -> None:
         super().__init__()
-        if channels < 1 or width < 1 or depth < 0 or head_dim < 1:
-            raise ValueError(f"rectifier sizes must be positive: channels={channels}, width={width}, "
-                             f"depth={depth}, head_dim={head_dim}")
-        if width % channels:
-            raise ValueError(f"rectifier width={width} is not a multiple of the {channels} latent channels "
-                             "(the stem's shortcut repeats each channel width/channels times); choose a multiple")
-        if width % head_dim:
-            raise ValueError(f"rectifier width={width} is not a multiple of head_dim={head_dim}")
-        if forward not in FORWARDS:
-            raise ValueError(f"rectifier forward={forward!r} is not one of {', '.join(FORWARDS)}")
+        RectifierSpec("vit", width, depth, head_dim, residual, forward).check(channels)  # the spec's rules, once
         self.forward_impl = forward
         self.residual = residual
         self.head_dim = head_dim
@@ -167,10 +160,7 @@ def _glumbconv_nhwc(mbconv: GLUMBConv, x: torch.Tensor) -> torch.Tensor:
 
 
 def build_rectifier(spec: RectifierSpec, latent_channels: int) -> nn.Module:
-    """The rectifier `spec` describes for latents with `latent_channels` channels."""
-    if spec.kind == "none":
+    """The rectifier `spec` describes for latents with `latent_channels` channels (ValueError: what cannot be built)."""
+    if spec.check(latent_channels).kind == "none":
         return nn.Identity()
-    if spec.kind == "vit":
-        return EfficientViTRectifier(latent_channels, spec.width, spec.depth, spec.head_dim, spec.residual,
-                                     spec.forward)
-    raise ValueError(f"rectifier kind={spec.kind!r} is not one of {', '.join(map(repr, KINDS))}")
+    return EfficientViTRectifier(latent_channels, spec.width, spec.depth, spec.head_dim, spec.residual, spec.forward)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 KINDS = ("vit", "none")
 # How the EfficientViT blocks are evaluated (the same function and parameters either way):
-# "channels_last" is our re-layout of diffusers' forward, faster on a CPU (docs/cli.md, "Rectifier forward",
-# gives the measurement and the benchmark that makes it); "diffusers" is diffusers' own forward, the one
+# "channels_last" is our re-layout of diffusers' forward, written for the CPU (docs/cli.md, "Rectifier forward",
+# gives its measurements, which differ between runs, and the benchmark); "diffusers" is diffusers' own forward, the one
 # torch.compile and CUDA kernels are tuned for; "auto" takes channels_last on the CPU and diffusers'
 # forward on other devices until a GPU measurement says otherwise.
 FORWARDS = ("auto", "channels_last", "diffusers")
@@ -53,7 +53,9 @@ class RectifierSpec:
                 raise ValueError(f"rectifier.{name}={value!r} must be an integer >= {least}")
         if self.width % self.head_dim:
             raise ValueError(f"rectifier.width={self.width} is not a multiple of rectifier.head_dim={self.head_dim}")
-        if latent_channels is not None and (latent_channels < 1 or self.width % latent_channels):
+        if latent_channels is not None and latent_channels < 1:
+            raise ValueError(f"latent_channels={latent_channels}: a latent has at least one channel")
+        if latent_channels is not None and self.width % latent_channels:
             raise ValueError(f"rectifier.width={self.width} is not a multiple of the {latent_channels} latent channels "
                              "(the stem's shortcut repeats each channel width/channels times); choose a multiple")
         return self

@@ -40,7 +40,6 @@ else in a yaml or checkpoint is refused with a message that names the file, the 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
+from revq_pipe.pipeline.files import file_sha256
 from revq_pipe.pipeline.images import recipe
 from revq_pipe.pipeline.normalizer import LatentNormalizer
 from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
@@ -145,15 +145,6 @@ def read_reference_config(path: str | Path) -> dict[str, Any]:
         raise ReferenceFormatError(f"{path} has no `model:` section, so it is not a ReVQ reference config (such as "
                                    "512T_NC=16384.yaml); pass the yaml published with the checkpoint")
     return data
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks (a 256T-L checkpoint is gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- geometry from the yaml -------------------------------------------------------------------

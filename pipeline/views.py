@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-AUGMENTS = ("none", "flip", "ten-crop")
+from revq_pipe.pipeline.choices import AUGMENTS
 TEN_CROP_SCALE = 1.1  # the resize before ten-crop, as a multiple of the crop side (LlamaGen's crop_range)
 _CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right", "centre")
 

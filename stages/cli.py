@@ -19,6 +19,7 @@ from braceexpand import braceexpand
 from typer.core import TyperCommand, TyperGroup
 
 from revq_pipe.cache import storage
+from revq_pipe.pipeline.choices import AUGMENTS
 from revq_pipe.stages.config import RevqConfig, load_config, override_keys, preset_names
 
 
@@ -307,6 +308,43 @@ def train(
     _fail_cleanly(work)
 
 
+@app.command()
+def adapt(
+    source: str = typer.Option(..., "--from", metavar="TOKENIZER",
+                               help="The tokenizer to adapt: a tokenizer/ folder of a finished or imported run."),
+    train_cache: str = typer.Option(..., metavar="STORE", help="The new domain's training latent cache."),
+    val_cache: str = typer.Option(..., metavar="STORE", help="The new domain's validation latent cache."),
+    run: str = typer.Option(..., metavar="DIR", help="Run directory for the adapted tokenizer; an existing one "
+                                                     "resumes."),
+    train: Optional[str] = typer.Option(None, "--train", metavar="PARTS",
+                                        help="What adapts, comma-separated: codebooks, rectifier, statistics "
+                                             "[default: adapt.train = rectifier]."),
+    epochs: Optional[int] = typer.Option(None, metavar="N", help="Epochs [default: adapt.steps optimizer steps]."),
+    config: Optional[str] = ConfigOption,
+    set_: Optional[list[str]] = SetOption,
+) -> None:
+    """Adapt a tokenizer to a new domain's latents; each epoch reports the starting tokenizer beside the adapted one."""
+    flags = {"data.train_cache": train_cache, "data.val_cache": val_cache, "train.run": run,
+             "adapt.train": train and [part.strip() for part in train.split(",") if part.strip()],
+             "adapt.epochs": epochs}
+
+    def work():
+        from revq_pipe.stages.config import absolute_location
+
+        cache_fix = "create it with `revq-pipe encode` on the new domain's images, or fix the path"
+        _require_inputs(_config(config, set_, flags),
+                        [("latent cache", absolute_location(train_cache), cache_fix),
+                         ("latent cache", absolute_location(val_cache), cache_fix),
+                         ("tokenizer folder", absolute_location(source),
+                          "pass --from with the tokenizer/ folder of a finished or imported run")])
+        cfg = _train_config(config, set_, flags)
+        from revq_pipe.stages.adapt import run_adapt
+
+        run_adapt(cfg, source=absolute_location(source))
+
+    _fail_cleanly(work)
+
+
 RunOption = typer.Option(None, metavar="DIR", help="Training run holding tokenizer/; its recorded data and VAE "
                                                    "are used unless named here " + _default("train.run") + ".")
 VaeOption = typer.Option(None, metavar="PATH_OR_ID",
@@ -373,7 +411,7 @@ def tokenize(
     images: Optional[str] = typer.Option(None, metavar="PATH", help="Tokenize these images through the VAE."),
     cache: Optional[str] = typer.Option(None, metavar="STORE", help="Tokenize the latents of this cache instead."),
     out: Optional[str] = typer.Option(None, metavar="STORE", help="Token store to write " + _default("tokenize.out") + "."),
-    augment: Optional[str] = typer.Option(None, metavar="none|flip|ten-crop",
+    augment: Optional[str] = typer.Option(None, metavar="|".join(AUGMENTS),
                                           help="Store every view of every image, one row per view "
                                                + _default("tokenize.augment") + "."),
     vae: Optional[str] = VaeOption,

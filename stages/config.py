@@ -29,7 +29,7 @@ from revq_pipe.cache import storage
 from revq_pipe.cache.schema import LATENT_DTYPES
 from revq_pipe.cache.storage import is_url
 from revq_pipe.pipeline.files import atomic_write_text
-from revq_pipe.pipeline.choices import INIT_METHODS, PRECISIONS, RESIDENCY
+from revq_pipe.pipeline.choices import ADAPTABLE, AUGMENTS, INIT_METHODS, PRECISIONS, RESIDENCY, TRAINABLE
 from revq_pipe.pipeline.rectifier_spec import RectifierSpec
 
 
@@ -84,9 +84,9 @@ class EncodeConfig:
     latent_dtype: str = "float16"
 
 
-# The built-in defaults are one coherent setting, the embedded demo (README "The embedded demo"): its images
-# and caches under paths.root, its VAE, and a model sized for ~2,048 training latents of 32x8x8 on 2 CPU cores:
-# 256 tokens of d=8 (one row of one channel), 256 codes per position (at most the number of training latents,
+# The built-in defaults are one coherent setting, the embedded demo (docs/measurements.md, "The embedded demo"): its
+# images and caches under paths.root, its VAE, and a model sized for ~2,048 training latents of 32x8x8 on 2 CPU
+# cores: 256 tokens of d=8 (one row of one channel), 256 codes per position (at most the number of training latents,
 # which the codebook init draws from), a one-block rectifier 128 wide (RectifierSpec), 10 epochs. The ImageNet
 # presets (configs/512T.yaml, ...) set the paper's sizes and recipe on top.
 @dataclass
@@ -110,6 +110,7 @@ class TrainConfig:
     rectifier_lr: float = 5e-4
     rectifier_weight_decay: float = 1e-4
     final_lr_fraction: float = 0.05
+    trainable: list[str] = field(default_factory=lambda: list(TRAINABLE))  # what the optimizer changes
     gate: bool = True  # fit the rectifier's gate on held-out training latents: never worse than quantized
     gate_holdout: int = 0  # training latents held out for the gate; 0 = 2% of the split, 32..10,000
     rectifier_warmup_steps: int = 100  # rectifier lr ramp, at most one epoch, residual form only (train_loop)
@@ -129,6 +130,18 @@ class TrainConfig:
 
 
 @dataclass
+class AdaptConfig:
+    # `revq-pipe adapt` (stages/adapt.py); why this recipe: docs/adapt.md. With a few hundred images the
+    # K codes of a position see too few latents to move without overfitting; the rectifier adapts well.
+    train: list[str] = field(default_factory=lambda: ["rectifier"])  # of codebooks, rectifier, statistics
+    steps: int = 200  # optimizer steps of the default schedule, whatever the size of the new data
+    min_epochs: int = 2
+    epochs: int = 0  # 0: from adapt.steps
+    codebook_lr: float = 1e-2  # when the codebooks adapt too: the source recipe's
+    rectifier_lr: float = 1e-3
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 32
     limit: int = 0  # 0 evaluates the whole split
@@ -144,7 +157,7 @@ class TokenizeConfig:
     batch_size: int = 64
     num_workers: int = 2  # image decoding processes
     chunk_size: int = 256  # inputs per work unit and rows per Zarr chunk of the token store
-    augment: str = "none"  # views stored per image: none, flip, ten-crop (pipeline/views.py)
+    augment: str = "none"  # views stored per image, one of AUGMENTS (pipeline/views.py)
 
 
 # --- the token prior (stages/prior.py, docs/generation.md) --------------------------------------
@@ -175,6 +188,7 @@ class PriorConfig:
     eval_samples_per_class: int = 32
     cas_epochs: int = 10  # epochs of the CAS classifier on the real train images
     cas_max_train_images: int = 0  # 0 = all; else an evenly spaced subset of that many
+    num_workers: int = 2  # image decoding processes for the real images of `prior eval`
 # --- end of the token prior ----------------------------------------------------------------------
 
 
@@ -205,6 +219,7 @@ class RevqConfig:
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     rectifier: RectifierSpec = field(default_factory=RectifierSpec)  # the rectifier library's own spec
     train: TrainConfig = field(default_factory=TrainConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     tolerance: ToleranceConfig = field(default_factory=ToleranceConfig)
@@ -221,7 +236,7 @@ CHOICES = {
     "train.precision": PRECISIONS,
     "vae.precision": PRECISIONS,
     "encode.latent_dtype": LATENT_DTYPES,
-    "tokenize.augment": ("none", "flip", "ten-crop"),
+    "tokenize.augment": AUGMENTS,
     "prior.precision": PRECISIONS,
 }
 
@@ -384,6 +399,8 @@ def _coerce(value: Any, hint: Any, dotted: str, origin: str) -> Any:
     origin_type = typing.get_origin(hint)
     if origin_type in (list, typing.List):
         (item_type,) = typing.get_args(hint)
+        if isinstance(value, str):  # --set key=a,b,c
+            value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{origin}: {dotted} must be a list, got {value!r}")
         return [_coerce(v, item_type, dotted, origin) for v in value]
@@ -482,6 +499,12 @@ def _validate(cfg: RevqConfig) -> None:
     if cfg.train.shuffle_window < 0:
         raise ConfigError(f"train.shuffle_window={cfg.train.shuffle_window} must be 0 (the whole split) or a "
                           "number of samples")
+    unknown = [part for part in cfg.adapt.train if part not in ADAPTABLE]
+    if unknown or not cfg.adapt.train:
+        raise ConfigError(f"adapt.train={cfg.adapt.train} must name some of {', '.join(ADAPTABLE)}")
+    unknown = [part for part in cfg.train.trainable if part not in TRAINABLE]
+    if unknown or not cfg.train.trainable:
+        raise ConfigError(f"train.trainable={cfg.train.trainable} must name one or both of {', '.join(TRAINABLE)}")
     if cfg.train.gate_holdout < 0:
         raise ConfigError(f"train.gate_holdout={cfg.train.gate_holdout} must be 0 (automatic) or a number of latents")
     if not 0.0 <= cfg.quantizer.reset_fraction <= 1.0:

@@ -53,7 +53,7 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
                 f"{', '.join(dataset.ignored[:5])}); they are recorded in the store's 'ignored'")
         writer_args = dict(num_inputs=len(dataset), latent_shape=latent_shape, split=split,
                            vae_identity=vae.identity, image_recipe=recipe(cfg.data.resolution),
-                           chunk_size=cfg.encode.chunk_size, latent_dtype=cfg.encode.latent_dtype,
+                           source=str(images), chunk_size=cfg.encode.chunk_size, latent_dtype=cfg.encode.latent_dtype,
                            options=options)
         finished = None if overwrite else CacheWriter.completed(out, **writer_args)
         if finished is not None:
@@ -86,7 +86,7 @@ def run_encode(cfg: RevqConfig, *, split: str, images: str, out: str, overwrite:
 
         # ---- finish: every rank assembles its share of the store ----------------------------------
         with ctx.phase("assemble the store"):
-            manifest = writer.finalize(ignored=dataset.ignored, source=str(images), collective=ctx)
+            manifest = writer.finalize(ignored=dataset.ignored, collective=ctx)
         log(f"wrote {manifest.num_samples} latents {tuple(manifest.latent_shape)} {manifest.latent_dtype} to {out}")
         skipped = list(zip(manifest.skipped["keys"], manifest.skipped["reasons"]))
         if skipped:

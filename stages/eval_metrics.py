@@ -1,8 +1,8 @@
 """Image metrics of reconstructions against a reference set, accumulated per rank and summed across ranks.
 
 Every image is on the 8-bit grid (pipeline.images.to_uint8) before it reaches a metric. PSNR,
-PSNR-Y, SSIM and LPIPS are means over images; FID and the Inception Score come from float64
-feature statistics (pipeline.metrics), which ranks merge by summing tensors.
+PSNR-Y, SSIM and LPIPS are means over images; FID and the Inception Score come from the library's
+accumulator of float64 feature statistics (pipeline.metrics.FidEvaluator), which ranks merge by summing tensors.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from revq_pipe.pipeline.metrics import (FeatureStats, InceptionOutput, InceptionScoreStats, fid_from_stats, psnr_rgb, psnr_y,
-                              ssim, try_load_fid_inception, try_load_lpips)
-from revq_pipe.pipeline.metrics.inception import FEATURE_DIM, NUM_CLASSES
+from revq_pipe.pipeline.metrics import FidEvaluator, psnr_rgb, psnr_y, ssim, try_load_fid_inception, try_load_lpips
 from revq_pipe.stages.distributed import DistContext
 
 FID_BACKEND = "revq-pipe FID InceptionV3 (pt_inception-2015-12-05)"
@@ -64,20 +62,14 @@ class ReconstructionMetrics:
     def __init__(self, sources: list[str], nets: MetricNetworks, device: torch.device) -> None:
         self.nets = nets
         self.sums = {name: torch.zeros(len(_SUMS), dtype=torch.float64, device=device) for name in sources}
-        self.real, self.fake, self.inception = None, {}, {}
-        if nets.fid is not None:
-            dim = getattr(nets.fid, "feature_dim", FEATURE_DIM)
-            classes = getattr(nets.fid, "num_classes", NUM_CLASSES)
-            self.real = FeatureStats(dim, device)
-            self.fake = {name: FeatureStats(dim, device) for name in sources}
-            if classes:
-                self.inception = {name: InceptionScoreStats(classes, INCEPTION_SPLITS, device) for name in sources}
+        self.fid = (FidEvaluator(nets.fid, sources, splits=INCEPTION_SPLITS, device=device)
+                    if nets.fid is not None else None)
 
     @torch.no_grad()
     def update(self, reference: torch.Tensor, reconstructions: dict[str, torch.Tensor], indices: torch.Tensor) -> None:
         """Add a batch: uint8 reference images (B, 3, R, R), uint8 reconstructions per source, set indices (B,)."""
-        if self.real is not None:
-            self.real.update(_features(self.nets.fid, reference).features)
+        if self.fid is not None:
+            self.fid.update_real(reference)
         for name, images in reconstructions.items():
             sums = self.sums[name]
             sums[0] += images.shape[0]
@@ -86,20 +78,15 @@ class ReconstructionMetrics:
             sums[3] += ssim(reference, images).sum()
             if self.nets.lpips is not None:
                 sums[4] += self.nets.lpips(reference, images).double().sum().to(sums.device)
-            if self.real is not None:
-                out = _features(self.nets.fid, images)
-                self.fake[name].update(out.features)
-                if name in self.inception and out.logits is not None:
-                    self.inception[name].update(out.logits, indices)
+            if self.fid is not None:
+                self.fid.update_fake(images, name, indices)
 
     def all_reduce_(self, ctx: DistContext) -> None:
         """Sum every statistic over the ranks, in place."""
-        tensors = list(self.sums.values())
-        if self.real is not None:
-            tensors += self.real.tensors() + [t for s in self.fake.values() for t in s.tensors()]
-            tensors += [t for s in self.inception.values() for t in s.tensors()]
-        for tensor in tensors:
+        for tensor in self.sums.values():
             ctx.all_reduce_sum_(tensor)
+        if self.fid is not None:
+            self.fid.all_reduce_(ctx.all_reduce_sum_)
 
     def result(self, name: str) -> tuple[dict[str, float | None], dict[str, str]]:
         """(metrics, why each null metric is null) of one source, after all_reduce_."""
@@ -113,31 +100,15 @@ class ReconstructionMetrics:
             values["lpips"], missing["lpips"] = None, self.nets.missing["lpips"]
         else:
             values["lpips"] = _mean(sums["lpips"], n, "lpips", missing)
-        values["rfid"], values["inception_score"], values["inception_score_std"] = self._fid_and_is(name, missing)
-        return values, missing
-
-    def _fid_and_is(self, name: str, missing: dict[str, str]) -> tuple[float | None, float | None, float | None]:
-        if self.real is None:
+        if self.fid is None:
+            values["rfid"] = values["inception_score"] = values["inception_score_std"] = None
             missing["rfid"] = missing["inception_score"] = self.nets.missing["fid"]
-            return None, None, None
-        fid = score = spread = None
-        if int(self.fake[name].count) < 2:
-            missing["rfid"] = f"FID needs at least 2 images, got {int(self.fake[name].count)}"
         else:
-            fid = fid_from_stats(self.real, self.fake[name])
-        if name not in self.inception:
-            missing["inception_score"] = "the feature network gives no class logits"
-        else:
-            try:
-                score, spread = self.inception[name].compute()
-            except ValueError as error:  # fewer images than splits
-                missing["inception_score"] = str(error)
-        return fid, score, spread
-
-
-def _features(net: nn.Module, images: torch.Tensor) -> InceptionOutput:
-    out = net(images)
-    return out if isinstance(out, InceptionOutput) else InceptionOutput(features=out, logits=None)
+            fid = self.fid.compute(name)
+            values.update(rfid=fid.fid, inception_score=fid.inception_score,
+                          inception_score_std=fid.inception_score_std)
+            missing.update(fid.missing)
+        return values, missing
 
 
 def _mean(total: float, count: int, metric: str, missing: dict[str, str]) -> float | None:

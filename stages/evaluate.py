@@ -26,12 +26,13 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from revq_pipe.cache.collective import rank_slice
 from revq_pipe.cache.reader import LatentCache
-from revq_pipe.cache.reader import rank_slice
 from revq_pipe.pipeline.files import atomic_write_text
 from revq_pipe.pipeline.metrics import psnr_rgb
 from revq_pipe.pipeline.quantizer import CodeUsage
 from revq_pipe.pipeline.tokenizer import RevqTokenizer
+from revq_pipe.pipeline.precision import describe as describe_precision
 from revq_pipe.stages.config import RevqConfig, save_config
 from revq_pipe.stages.console import console, log, progress
 from revq_pipe.stages.datasets import contiguous_batches, image_batches, open_image_dataset
@@ -164,7 +165,9 @@ def _evaluate_images(cfg: RevqConfig, tokenizer: RevqTokenizer, split: str, imag
     ceiling, ceiling_missing = metrics.result("vae_ceiling")
     num_images = int(metrics.sums["tokenizer"][0])
     protocol = _protocol(tokenizer, resolution, num_images, skipped, source=images, level="images")
-    protocol.update({"fid_weights_sha256": nets.fid_sha256, "lpips_weights_sha256": nets.lpips_sha256})
+    protocol.update({"fid_weights_sha256": nets.fid_sha256, "lpips_weights_sha256": nets.lpips_sha256,
+                     "vae_precision": describe_precision(vae.precision, "the VAE"),
+                     "metric_networks_precision": "ieee float32 (no autocast, no TF32)"})
     return {"num_images": num_images, "tokenizer": tok, "vae_ceiling": ceiling, "vae": vae.identity,
             "missing": {**tok_missing, **{f"vae_ceiling.{k}": v for k, v in ceiling_missing.items()}},
             "protocol": protocol, "grid": grid_record, **_latent_report(latent_sums, usage)}

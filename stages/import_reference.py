@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from revq_pipe.pipeline.files import file_sha256
 from revq_pipe.pipeline.hub import hub_unreachable_reason
 from revq_pipe.pipeline.reference_import import (CHECKPOINT_NAME, IMPORT_KIND, PREPROCESSOR_NAME, PREPROCESSOR_URL,
-                                                 PUBLISHED, REFERENCE_CODE, ReferenceFiles, file_sha256,
+                                                 PUBLISHED, REFERENCE_CODE, ReferenceFiles,
                                                  find_reference_files, import_reference)
 from revq_pipe.pipeline.tokenizer import CONFIG_NAME
 from revq_pipe.pipeline.vae import FrozenVAE, is_hub_id

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from revq_pipe.cache.collective import rank_slice
 from revq_pipe.cache.loader import SHUFFLE_STREAM, derived_generator
-from revq_pipe.cache.reader import rank_slice
 from revq_pipe.cache.token_store import TokenStore
 from revq_pipe.pipeline.files import atomic_directory
 from revq_pipe.pipeline.precision import describe as describe_precision
@@ -45,10 +45,11 @@ from revq_pipe.stages.run_dir import (CHECKPOINT_NAME, METRICS_NAME, RunKind, ap
 
 PRIOR_DIR = "prior"
 PRIOR_CONFIG, PRIOR_WEIGHTS = "config.json", "model.safetensors"
-# Settings a resumed prior run may change: they only say how long it runs, where, and how it samples later.
+# Settings a resumed prior run may change: they only say how long it runs, where, and how it samples and is
+# evaluated later.
 PRIOR_RESUME_FREE_KEYS = ("prior.run", "prior.epochs", "prior.device", "prior.log_every", "prior.cfg_scale",
                           "prior.temperature", "prior.top_k", "prior.eval_samples_per_class", "prior.cas_epochs",
-                          "prior.cas_max_train_images")
+                          "prior.cas_max_train_images", "prior.num_workers")
 PRIOR_RUN = RunKind("prior.run", "prior.epochs", "revq-prior-checkpoint", 1,
                     lambda key: key.startswith("prior.") and key not in PRIOR_RESUME_FREE_KEYS)
 
@@ -137,7 +138,7 @@ def _train(cfg: RevqConfig, ctx: DistContext) -> Path:
     if ctx.is_main:
         save_prior(run / PRIOR_DIR, model, {"train_tokens": str(train_store.path), "val_tokens": str(val_store.path),
                                             "tokenizer": train_store.attrs["tokenizer"], "epochs": pc.epochs,
-                                            "precision": describe_precision(pc.precision),
+                                            "precision": describe_precision(pc.precision, "the prior transformer"),
                                             "rows": train_rows.num_rows})
         log(f"prior written to {run / PRIOR_DIR}; sample with `revq-pipe prior sample --run {run}`")
     ctx.barrier()

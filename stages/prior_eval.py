@@ -30,7 +30,6 @@ from revq_pipe.cache.token_store import TokenStore, flat_ids
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.files import atomic_write_text
 from revq_pipe.pipeline.metrics import FidEvaluator, try_load_fid_inception
-from revq_pipe.pipeline.metrics.inception import FEATURE_DIM
 from revq_pipe.pipeline.precision import job_precision
 from revq_pipe.stages.config import RevqConfig
 from revq_pipe.stages.console import log
@@ -134,7 +133,7 @@ def _source_images(cfg: RevqConfig, store: TokenStore, resolution: int, *, limit
     if images is None:
         missing["cas"] = f"{store.path} records no source images (imported latents)"
         return None
-    return load_images(images, resolution, limit=limit, num_workers=cfg.encode.num_workers,
+    return load_images(images, resolution, limit=limit, num_workers=cfg.prior.num_workers,
                        options=cfg.storage_options())
 
 
@@ -170,12 +169,15 @@ def _sample_fid(cfg: RevqConfig, val_images, samples: torch.Tensor, device: torc
     if net is None or val_images is None:
         missing["rfid"] = reason or "no real val images to compare with"
         return None
-    evaluator = FidEvaluator(net, feature_dim=FEATURE_DIM, num_classes=None)
+    evaluator = FidEvaluator(net, ["samples"], inception_score=False)
     for chunk in val_images.images.split(64):
         evaluator.update_real(chunk.to(device))
     for chunk in samples.split(64):
-        evaluator.update_fake(chunk.to(device))
-    return evaluator.compute().fid
+        evaluator.update_fake(chunk.to(device), "samples")
+    result = evaluator.compute("samples")
+    if result.fid is None:
+        missing["rfid"] = result.missing["rfid"]
+    return result.fid
 
 
 def _write_grid(path: Path, val_images, samples: torch.Tensor, random_images: torch.Tensor, classes: torch.Tensor,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import yaml
 
 from revq_pipe.cache.reader import LatentCache
 from revq_pipe.cache.schema import CacheError
-from revq_pipe.pipeline.files import atomic_path, atomic_write_text
+from revq_pipe.pipeline.files import atomic_path, atomic_write_text, file_sha256
 from revq_pipe.pipeline.tokenizer import WEIGHTS_NAME, RevqTokenizer, TokenizerConfig
 from revq_pipe.pipeline.vae import FrozenVAE
 from revq_pipe.stages.config import RevqConfig, config_from_dict, config_to_dict, save_config
@@ -41,7 +40,8 @@ CHECKPOINT_VERSION = 3  # 3: batch_size is the global batch, the order windowed,
 
 # Settings a resumed run may change: they do not change what training computes. Everything else
 # (data, quantizer, rectifier, optimizer, schedule, seed, placement) must match the checkpoint.
-RESUME_FREE_SECTIONS = ("paths", "storage", "dist", "vae", "encode", "eval", "tokenize", "tolerance", "prior")
+RESUME_FREE_SECTIONS = ("paths", "storage", "dist", "vae", "encode", "eval", "tokenize", "tolerance", "prior",
+                        "adapt")  # adapt writes what it decides into train.*, which is compared
 # where the split is read from and how many ranks share it never change the batches (cache/loader.py)
 RESUME_FREE_KEYS = ("data.train_images", "data.val_images", "data.resolution", "train.run", "train.log_every",
                     "train.epochs", "train.device", "train.push_to", "train.data_on_device", "train.deterministic",
@@ -275,8 +275,4 @@ def image_resolution(tokenizer: RevqTokenizer, cfg: RevqConfig) -> int:
 def tokenizer_identity(tokenizer_dir: str | Path) -> dict[str, str]:
     """{"dir", "model_sha256"}: which trained tokenizer produced a report or a token store."""
     directory = Path(tokenizer_dir).resolve()
-    digest = hashlib.sha256()
-    with open(directory / WEIGHTS_NAME, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"dir": str(directory), "model_sha256": digest.hexdigest()}
+    return {"dir": str(directory), "model_sha256": file_sha256(directory / WEIGHTS_NAME)}

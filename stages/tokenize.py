@@ -4,15 +4,15 @@ From images (VAE encoder, then latents_to_ids) or from a latent cache (latents_t
 latents). Cached latents are rounded to the cache's dtype (float16 by default), so a few ids can
 differ from those of the image path; the store records which source it came from.
 
-`tokenize.augment` (--augment none|flip|ten-crop, pipeline/views.py) stores every view of every image,
+`tokenize.augment` (--augment, pipeline/views.py AUGMENTS) stores every view of every image,
 one row per view: each image is decoded once (at the views' source resolution) and its views are
 cut from it and encoded together. A cache holds latents, not images, so it has only the one view.
 
-Resumable and multi-rank like stage one: the inputs are cut into units of encode.chunk_size; rank r
-tokenizes the unstaged units u with u % world_size == r, in fixed batches that never cross a unit,
-so the ids do not depend on the world size or on interruptions. Rerunning a finished export with the
-same tokenizer, source and settings is a no-op. The resolved config is written to <store>.config.yaml
-once the store is opened.
+Resumable and multi-rank like stage one: the inputs are cut into units of tokenize.chunk_size; the ranks
+share out the unstaged units, tokenize them in fixed batches that never cross a unit, and assemble the
+store together, so the ids and the store's bytes do not depend on the world size or on interruptions.
+Rerunning a finished export with the same tokenizer, source and settings is a no-op. The resolved config
+is written to <store>.config.yaml once the store is opened.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _tokenize(cfg: RevqConfig, run: Path, split: str | None, images: str | None,
     spec = dict(num_inputs=source.num_inputs, split=split, num_tokens=tokenizer.num_tokens,
                 codebook_size=tokenizer.codebook_size, layout=layout,
                 tokenizer=tokenizer_identity(run / TOKENIZER_DIR), vae=source.vae_identity,
-                source=source.description, augment=source.views.describe(), chunk_size=cfg.encode.chunk_size)
+                source=source.description, augment=source.views.describe(), chunk_size=cfg.tokenize.chunk_size)
     finished = None if overwrite else TokenWriter.completed(out, options, **spec)
     if finished is not None:
         log(f"{out} already holds this complete token export ({finished['num_samples']} x {tokenizer.num_tokens} "
@@ -91,8 +91,9 @@ def _tokenize(cfg: RevqConfig, run: Path, split: str | None, images: str | None,
             bar.advance(len(part.keys) + len(part.skipped))
     ctx.barrier()
 
-    # --- finish: assemble the store on rank 0 ---------------------------------------------------------
-    attrs = run_on_main(ctx, writer.finalize, share=True)
+    # --- finish: every rank assembles its share of the store ----------------------------------------
+    with ctx.phase("assemble the store"):
+        attrs = writer.finalize(collective=ctx)
     log(f"wrote {attrs['num_samples']} x {tokenizer.num_tokens} token ids ({attrs['ids_dtype']}) of split "
         f"{split!r} to {out}: {attrs['num_images']} images x {source.views.num_views} views "
         f"({', '.join(source.views.names)})")
@@ -126,7 +127,7 @@ class _ImageSource:
         images_per_batch = max(1, self.cfg.tokenize.batch_size // views.num_views)
         return map_units(self.dataset, writer, units, lambda images: _ids_of_views(self.tokenizer, self.vae, views, images),
                          batch_size=images_per_batch, resolution=views.source_resolution,
-                         num_workers=self.cfg.encode.num_workers, device=self.device,
+                         num_workers=self.cfg.tokenize.num_workers, device=self.device,
                          output_shape=(views.num_views, self.tokenizer.num_tokens), output_dtype=np.int64)
 
 

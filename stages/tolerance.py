@@ -21,7 +21,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from revq_pipe.cache.reader import rank_slice
+from revq_pipe.cache.collective import rank_slice
 from revq_pipe.pipeline.files import atomic_path, atomic_write_text
 from revq_pipe.pipeline.images import to_uint8
 from revq_pipe.stages.config import RevqConfig, save_config

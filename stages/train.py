@@ -62,8 +62,8 @@ def _train(cfg: RevqConfig, ctx: DistContext) -> Path:
     train_cache = LatentCache.open(cfg.data.train_cache, options=cfg.storage_options())  # refuses an incomplete cache
     val_cache = LatentCache.open(cfg.data.val_cache, options=cfg.storage_options())
     train_cache.check_compatible(val_cache)
+    init = _init_tokenizer(cfg, train_cache) if tc.init_from else None  # refuses another VAE or latent shape
     _check_sizes(cfg, train_cache, ctx)
-    init = _init_tokenizer(cfg, train_cache) if tc.init_from else None
     plan = resume_plan(cfg, ctx)
     if plan.checkpoint is not None:
         _refuse_other_data(plan.checkpoint, train_cache, run)
@@ -128,7 +128,8 @@ def _train(cfg: RevqConfig, ctx: DistContext) -> Path:
                                     "val_cache": str(val_cache.path), "num_samples": train_cache.num_samples,
                                     "epochs": tc.epochs, "init_from": tc.init_from or None,
                                     "global_batch": tc.batch_size, "ranks": ctx.world_size,
-                                    "precision": describe_precision(tc.precision),
+                                    "precision": {**describe_precision(tc.precision, "the rectifier"),
+                                                  "codebook_search": "ieee float32, exact"},
                                     "deterministic": tc.deterministic},
                         "statistics": (f"the normalizer of {tc.init_from}" if init is not None and tc.init_statistics
                                        else "per-element population mean and std of the training cache")})
@@ -150,7 +151,7 @@ def _run_epoch(cfg: RevqConfig, state: TrainState, schedule: LrSchedule, data: "
     epoch_start = time.perf_counter()
     lrs = schedule.rates(epoch, state.step)
     prefix = f"epoch {epoch + 1}/{tc.epochs}"
-    gated = data.holdout is not None and parts.train_rectifier
+    gated = data.holdout is not None and parts.has_rectifier
     if gated:  # training always fits the whole correction; the gate only decides how much of it is used
         parts.rectifier.residual_gate.fill_(1.0)
     stats = train_epoch(parts, data.train.epoch_batches(tc.batch_size, seed=tc.seed, epoch=epoch), schedule,
@@ -163,7 +164,8 @@ def _run_epoch(cfg: RevqConfig, state: TrainState, schedule: LrSchedule, data: "
     ctx.all_reduce_sum_(parts.usage.counts)  # (T, K) uses over the epoch on all ranks
     usage = parts.usage.summary()
     codes_reset = 0
-    if qc.reset and epoch < tc.epochs - 1:  # never after the last epoch: the saved tokenizer is the validated one
+    # never after the last epoch (the saved tokenizer is the validated one), never on frozen codebooks
+    if qc.reset and parts.train_codebooks and epoch < tc.epochs - 1:
         codes_reset = parts.quantizer.reset_dead_codes(parts.usage.counts, fraction=qc.reset_fraction,
                                                        noise=qc.reset_noise,
                                                        generator=derived_generator(tc.seed, RESET_STREAM, epoch))
@@ -171,7 +173,7 @@ def _run_epoch(cfg: RevqConfig, state: TrainState, schedule: LrSchedule, data: "
     epoch_s = time.perf_counter() - epoch_start  # training, validation and reset
     state.elapsed_s += epoch_s
     state.epoch = epoch + 1
-    record = {"epoch": epoch + 1, "step": state.step, "lr": lrs[0],
+    record = {"epoch": epoch + 1, "step": state.step, "lr": lrs[0] if parts.train_codebooks else None,
               "rectifier_lr": lrs[1] if parts.train_rectifier else None, "precision": tc.precision,
               "train_quant_mse": stats["train_quant_mse"], "train_rect_mse": stats["train_rect_mse"],
               **gate, **val, **data.init_scores, **usage, "codes_reset": int(codes_reset),
@@ -205,14 +207,14 @@ def _load_data(cfg: RevqConfig, train_cache: LatentCache, val_cache: LatentCache
     whole = LatentSource(train_cache, ctx.device, tc.data_on_device, rank=ctx.rank, world_size=ctx.world_size,
                          shuffle_window=tc.shuffle_window)
     val = LatentSource(val_cache, ctx.device, tc.data_on_device, rank=ctx.rank, world_size=ctx.world_size)
-    count = _holdout_count(cfg, train_cache.num_samples)
+    count = holdout_count(cfg, train_cache.num_samples)
     if not count:
         return TrainData(train=whole, holdout=None, val=val)
     train, holdout = whole.split_off(count, tc.seed)
     return TrainData(train=train, holdout=holdout, val=val)
 
 
-def _holdout_count(cfg: RevqConfig, num_samples: int) -> int:
+def holdout_count(cfg: RevqConfig, num_samples: int) -> int:
     """How many training latents are held out to fit the gate: train.gate_holdout, or 2% of the split between
     HOLDOUT_RANGE (at most a tenth of it); none without a gate or a rectifier."""
     if not cfg.train.gate or cfg.rectifier.kind == "none":
@@ -242,6 +244,9 @@ def _build_parts(cfg: RevqConfig, train_cache: LatentCache, init: RevqTokenizer 
         rectifier = build_rectifier(cfg.rectifier, train_cache.latent_shape[0])
     quantizer.search_memory_mb = qc.search_memory_mb  # a setting of this machine, not of the tokenizer
     normalizer, quantizer, rectifier = normalizer.to(device), quantizer.to(device), rectifier.to(device).train()
+    train_codebooks = "codebooks" in tc.trainable
+    quantizer.codebooks.requires_grad_(train_codebooks)
+    rectifier.requires_grad_("rectifier" in tc.trainable)  # frozen, it still rectifies
     rect_params = [p for p in rectifier.parameters() if p.requires_grad]
     rectify = rectifier
     if ctx.is_distributed and rect_params:
@@ -249,12 +254,13 @@ def _build_parts(cfg: RevqConfig, train_cache: LatentCache, init: RevqTokenizer 
             rectifier, device_ids=[device] if device.type == "cuda" else None)
     if tc.compile and rect_params:
         rectify = torch.compile(rectify)
-    optimizer = build_optimizer(quantizer.codebooks, rect_params, codebook_lr=tc.codebook_lr,
-                                codebook_weight_decay=tc.codebook_weight_decay, rectifier_lr=tc.rectifier_lr,
-                                rectifier_weight_decay=tc.rectifier_weight_decay)
+    optimizer = build_optimizer(quantizer.codebooks if train_codebooks else None, rect_params,
+                                codebook_lr=tc.codebook_lr, codebook_weight_decay=tc.codebook_weight_decay,
+                                rectifier_lr=tc.rectifier_lr, rectifier_weight_decay=tc.rectifier_weight_decay)
     return TrainParts(normalizer=normalizer, quantizer=quantizer, rectifier=rectifier, rectify=rectify,
                       optimizer=optimizer, train_rectifier=bool(rect_params), grad_clip=tc.grad_clip,
-                      precision=tc.precision, deferred_search=device.type == "cuda")
+                      precision=tc.precision, deferred_search=device.type == "cuda",
+                      train_codebooks=train_codebooks, has_rectifier=cfg.rectifier.kind != "none")
 
 
 def _init_tokenizer(cfg: RevqConfig, train_cache: LatentCache) -> RevqTokenizer:
@@ -283,7 +289,7 @@ def _check_sizes(cfg: RevqConfig, train_cache: LatentCache, ctx: DistContext) ->
         token_dim_of(train_cache.latent_shape, cfg.quantizer.num_tokens, name="quantizer.num_tokens")
     except ValueError as error:
         raise ValueError(f"{error} (the latents of {train_cache.path})") from None
-    held_out = _holdout_count(cfg, train_cache.num_samples)
+    held_out = holdout_count(cfg, train_cache.num_samples)
     trained = train_cache.num_samples - held_out
     if held_out and trained < train_cache.num_samples // 2:
         raise ValueError(f"train.gate_holdout={held_out} leaves {trained} of the {train_cache.num_samples} latents "

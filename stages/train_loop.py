@@ -50,8 +50,9 @@ class LrSchedule:
         return self.codebook_lr * factor, self.rectifier_lr * factor * warmup
 
     def apply(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
-        for group, lr in zip(optimizer.param_groups, self.rates(epoch, step)):
-            group["lr"] = lr
+        rates = dict(zip(("codebooks", "rectifier"), self.rates(epoch, step)))
+        for group in optimizer.param_groups:  # a frozen part has no group
+            group["lr"] = rates[group["name"]]
 
 
 # --- one epoch --------------------------------------------------------------------------------
@@ -66,10 +67,12 @@ class TrainParts:
     rectifier: torch.nn.Module  # the bare module (saved, validated)
     rectify: Callable[[torch.Tensor], torch.Tensor]  # DDP / compiled wrapper used for training
     optimizer: torch.optim.Optimizer
-    train_rectifier: bool  # False for kind "none" (identity: no loss, no parameters)
+    train_rectifier: bool  # False for kind "none" (identity: no loss, no parameters) or a frozen rectifier
     grad_clip: float
     precision: str  # pipeline/precision.py policy: "fp32", "tf32" or "bf16" (the rectifier under autocast)
     deferred_search: bool = False  # ask the search for a deferred exactness check (no host sync; accelerators)
+    train_codebooks: bool = True  # False: the codebooks stay as they are (fine-tuning the rectifier alone)
+    has_rectifier: bool = True  # False for kind "none"; a frozen rectifier still rectifies
     usage: CodeUsage = field(init=False)  # code usage of the running epoch (the non-activation reset's input)
     rect_params: list[torch.nn.Parameter] = field(init=False)  # clipped as one group every step
     searches_repeated: int = field(init=False, default=0)  # steps whose deferred check failed (this epoch)
@@ -88,16 +91,23 @@ class NonFiniteLossError(ValueError):
     """Training produced a NaN or infinite loss."""
 
 
-def build_optimizer(codebooks: torch.nn.Parameter, rect_params: list[torch.nn.Parameter], *, codebook_lr: float,
-                    codebook_weight_decay: float, rectifier_lr: float, rectifier_weight_decay: float
-                    ) -> torch.optim.AdamW:
-    """AdamW with one group for the codebooks and one for the rectifier (none for kind "none").
+def build_optimizer(codebooks: torch.nn.Parameter | None, rect_params: list[torch.nn.Parameter], *,
+                    codebook_lr: float, codebook_weight_decay: float, rectifier_lr: float,
+                    rectifier_weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with a group named "codebooks" and one named "rectifier", each only when it is trained.
 
     The fused implementation steps all parameters in one kernel (benchmarks/bench_train_step.py).
     """
-    groups = [{"params": [codebooks], "lr": codebook_lr, "weight_decay": codebook_weight_decay}]
+    groups = []
+    if codebooks is not None:
+        groups.append({"name": "codebooks", "params": [codebooks], "lr": codebook_lr,
+                       "weight_decay": codebook_weight_decay})
     if rect_params:
-        groups.append({"params": rect_params, "lr": rectifier_lr, "weight_decay": rectifier_weight_decay})
+        groups.append({"name": "rectifier", "params": rect_params, "lr": rectifier_lr,
+                       "weight_decay": rectifier_weight_decay})
+    if not groups:
+        raise ValueError("nothing to train: the codebooks are frozen and there is no rectifier to train; train "
+                         "the codebooks, the rectifier, or both")
     return torch.optim.AdamW(groups, fused=True)
 
 
@@ -124,10 +134,12 @@ def train_step(parts: TrainParts, batch: torch.Tensor, ctx: DistContext
         ids = q.nearest(tokens)
         codes, quant_mse, rect_mse = _forward_backward(parts, z, tokens, ids, ctx.world_size)
     parts.usage.add(ids)
-    q.codebooks.grad = codebook_gradient(q, ids, codes.grad, ctx)
+    if parts.train_codebooks:
+        q.codebooks.grad = codebook_gradient(q, ids, codes.grad, ctx)
     if parts.grad_clip > 0:  # clipped separately for codebooks and rectifier, as the reference does
-        torch.nn.utils.clip_grad_norm_([q.codebooks], parts.grad_clip)
-        if parts.rect_params:
+        if parts.train_codebooks:
+            torch.nn.utils.clip_grad_norm_([q.codebooks], parts.grad_clip)
+        if parts.train_rectifier:
             torch.nn.utils.clip_grad_norm_(parts.rect_params, parts.grad_clip)
     parts.optimizer.step()
     return quant_mse + rect_mse, quant_mse, rect_mse
@@ -140,17 +152,20 @@ def _forward_backward(parts: TrainParts, z: torch.Tensor, tokens: torch.Tensor, 
     q = parts.quantizer
     parts.optimizer.zero_grad(set_to_none=True)
     # the selected codes as a leaf: their gradient is what each token contributes to its code's gradient
-    codes = q.lookup(ids).detach().requires_grad_(True)  # (b, T, d)
+    codes = q.lookup(ids).detach().requires_grad_(parts.train_codebooks)  # (b, T, d)
     # normalised by the global batch, so that a token's gradient is the same on every number of ranks
     codebook_loss = F.mse_loss(codes, tokens, reduction="sum") / (tokens.numel() * world_size)
     quant_mse = codebook_loss.detach() * world_size
-    loss = codebook_loss
+    losses = [codebook_loss] if parts.train_codebooks else []
     if parts.train_rectifier:
         rect_mse = F.mse_loss(parts.rectifier_output(q.from_tokens(codes.detach()), parts.rectify), z)
-        loss = loss + rect_mse
+        losses.append(rect_mse)
+    elif parts.has_rectifier:  # frozen: it still rectifies, and its error is what the codebooks are judged by
+        with torch.no_grad():
+            rect_mse = F.mse_loss(parts.rectifier_output(q.from_tokens(codes.detach()), parts.rectifier), z)
     else:  # the identity rectifier: its MSE is the quantization MSE
         rect_mse = quant_mse
-    loss.backward()
+    sum(losses).backward()
     return codes, quant_mse, rect_mse.detach()
 
 
@@ -235,19 +250,25 @@ def _memory_note(device: torch.device) -> str:
 
 @torch.no_grad()
 def validate(parts: TrainParts, source: LatentSource, batch_size: int, ctx: DistContext) -> dict[str, float]:
-    """Quantization and rectified MSE on the whole validation split (standardized space)."""
-    device = parts.quantizer.codebooks.device
+    """Quantization and rectified MSE (standardized space) and code usage on the whole validation split."""
+    q = parts.quantizer
+    device = q.codebooks.device
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # quant SSE, rect SSE, elements
+    usage = CodeUsage(q.num_tokens, q.codebook_size, device)
     parts.rectifier.eval()
     for batch in source.shard_batches(batch_size):
         z = parts.normalizer.normalize(batch)
-        quantized = parts.quantizer(z).quantized
-        rectified = parts.rectifier_output(quantized, parts.rectifier)
-        sums += torch.stack([(quantized - z).double().square().sum(), (rectified - z).double().square().sum(),
+        out = q(z)
+        usage.add(out.ids)
+        rectified = parts.rectifier_output(out.quantized, parts.rectifier)
+        sums += torch.stack([(out.quantized - z).double().square().sum(), (rectified - z).double().square().sum(),
                              torch.tensor(z.numel(), dtype=torch.float64, device=device)])
     parts.rectifier.train()
     ctx.all_reduce_sum_(sums)
-    return {"val_quant_mse": (sums[0] / sums[2]).item(), "val_rect_mse": (sums[1] / sums[2]).item()}
+    ctx.all_reduce_sum_(usage.counts)
+    seen = usage.summary()
+    return {"val_quant_mse": (sums[0] / sums[2]).item(), "val_rect_mse": (sums[1] / sums[2]).item(),
+            "val_codebook_usage": seen["codebook_usage"], "val_dead_codes": seen["dead_codes"]}
 
 
 # --- the rectifier's gate ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from revq_pipe.cache.writer import CacheWriter
 SHAPE = (4, 2, 3)  # (C, H, W): small, with H != W to catch transposes
 VAE = {"source": "tests/tiny-vae", "class": "AutoencoderKL", "weights_sha256": "ab" * 32}
 RECIPE = {"resolution": 16, "resize": "shorter-side bilinear antialias", "crop": "center", "value_range": [-1, 1]}
+SOURCE = "/data/images/train"
 
 
 def make_inputs(num_inputs: int, seed: int = 0, shape=SHAPE):
@@ -25,18 +26,19 @@ def make_inputs(num_inputs: int, seed: int = 0, shape=SHAPE):
 
 
 def open_writer(path, num_inputs: int, *, create: bool = True, overwrite: bool = False, **spec) -> CacheWriter:
-    args = dict(latent_shape=SHAPE, split="train", vae_identity=VAE, image_recipe=RECIPE, chunk_size=5)
+    args = dict(latent_shape=SHAPE, split="train", vae_identity=VAE, image_recipe=RECIPE, source=SOURCE, chunk_size=5)
     args.update(spec)
     return CacheWriter.open(path, num_inputs=num_inputs, overwrite=overwrite, create=create, **args)
 
 
-def write_units(writer: CacheWriter, inputs, units) -> None:
-    """Stage the given units from make_inputs() output, skipping the 'unreadable' indices."""
-    latents, labels, keys, skipped = inputs
+def write_units(writer, inputs, units) -> None:
+    """Stage the given units of (rows, labels, keys, unreadable indices), e.g. make_inputs() output, with any
+    store writer (CacheWriter, TokenWriter), skipping the 'unreadable' indices."""
+    rows, labels, keys, skipped = inputs
     for u in units:
         start, stop = writer.unit_range(u)
         good = [i for i in range(start, stop) if i not in skipped]
-        writer.write_unit(u, latents[good], labels[good], [keys[i] for i in good],
+        writer.write_unit(u, rows[good], labels[good], [keys[i] for i in good],
                           [(keys[i], "truncated file") for i in range(start, stop) if i in skipped])
 
 

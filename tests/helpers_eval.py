@@ -17,7 +17,6 @@ from PIL import Image
 from torch import nn
 
 from revq_pipe.cache.reader import LatentCache
-from helpers_vae import make_tiny_vae
 from revq_pipe.pipeline.metrics import InceptionOutput
 from revq_pipe.pipeline.normalizer import LatentNormalizer
 from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
@@ -26,6 +25,7 @@ from revq_pipe.pipeline.rectifier_spec import RectifierSpec
 from revq_pipe.pipeline.tokenizer import RevqTokenizer
 from revq_pipe.stages.config import RevqConfig, load_config
 from revq_pipe.stages.encode import run_encode
+from tests.helpers_vae import make_tiny_vae
 
 RESOLUTION = 32
 LATENT_CHANNELS = 4  # latents (4, 4, 4) at 32 px: 64 values

@@ -7,7 +7,7 @@ import zarr
 
 from revq_pipe.cache.reader import LatentCache, cache_info
 from revq_pipe.cache.schema import CacheError
-from helpers_cache import SHAPE, build_store, make_inputs, open_writer, write_units
+from tests.helpers_cache import SHAPE, build_store, make_inputs, open_writer, write_units
 
 N = 49  # 42 samples after skipping: 9 chunks of 5 rows, the last one short
 

@@ -12,8 +12,8 @@ import zarr
 from revq_pipe.cache.reader import LatentCache
 from revq_pipe.cache.schema import CacheError
 from revq_pipe.cache.writer import CacheWriter
-from helpers_cache import (RECIPE, SHAPE, VAE, ThreadRanks, build_store, make_inputs, open_writer, store_files,
-                           write_units)
+from tests.helpers_cache import (RECIPE, SHAPE, SOURCE, VAE, ThreadRanks, build_store, make_inputs, open_writer,
+                                 store_files, write_units)
 
 N = 23  # 5 units of 5 inputs, the last one short
 
@@ -118,8 +118,8 @@ def test_resume_after_an_error_inside_write_unit_is_bit_identical(tmp_path):
 
 KILLED_WRITER = """
 import os, signal, sys
-sys.path[:0] = [{root!r}, {tests!r}]
-import helpers_cache as h
+sys.path.insert(0, {root!r})
+from tests import helpers_cache as h
 calls = []
 real_fsync = os.fsync
 def fsync_then_die(fd):
@@ -137,7 +137,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
     build_store(tmp_path / "ref.zarr", N)
     store = tmp_path / "s.zarr"
     here = Path(__file__).resolve().parent
-    script = KILLED_WRITER.format(root=str(here.parent), tests=str(here), path=str(store), n=N)
+    script = KILLED_WRITER.format(root=str(here.parent), path=str(store), n=N)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, timeout=60)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
     staged = sorted(p.name for p in (store / "_staging").iterdir())
@@ -192,7 +192,7 @@ OTHER_VAE = {"source": "x", "class": "AutoencoderDC", "weights_sha256": "0"}
 
 @pytest.mark.parametrize("change", [dict(num_inputs=24), dict(chunk_size=4), dict(latent_dtype="float32"),
                                     dict(split="val"), dict(latent_shape=(4, 3, 2)), dict(vae_identity=OTHER_VAE),
-                                    dict(image_recipe={**RECIPE, "resolution": 32})])
+                                    dict(image_recipe={**RECIPE, "resolution": 32}), dict(source="/data/images/val")])
 def test_unfinished_store_with_other_spec_refused(tmp_path, change):
     writer = open_writer(tmp_path / "s.zarr", N)
     write_units(writer, make_inputs(N), [0])
@@ -232,7 +232,8 @@ def test_write_unit_and_finalize_validation(tmp_path):
 
 
 def test_completed_finds_only_a_finished_store_with_the_same_spec(tmp_path):
-    spec = dict(num_inputs=23, latent_shape=SHAPE, split="train", vae_identity=VAE, image_recipe=RECIPE, chunk_size=5)
+    spec = dict(num_inputs=23, latent_shape=SHAPE, split="train", vae_identity=VAE, image_recipe=RECIPE, source=SOURCE,
+                chunk_size=5)
     assert CacheWriter.completed(tmp_path / "s", **spec) is None  # nothing there yet
     writer = open_writer(tmp_path / "s", 23)
     assert CacheWriter.completed(tmp_path / "s", **spec) is None  # unfinished
@@ -240,3 +241,17 @@ def test_completed_finds_only_a_finished_store_with_the_same_spec(tmp_path):
     writer.finalize()
     assert CacheWriter.completed(tmp_path / "s", **spec).num_samples == 23 - 3
     assert CacheWriter.completed(tmp_path / "s", **{**spec, "split": "val"}) is None
+    assert CacheWriter.completed(tmp_path / "s", **{**spec, "source": "/data/other"}) is None  # other images
+
+
+def test_a_refusal_names_each_difference_whole_paths_and_short_hashes(tmp_path):
+    build_store(tmp_path / "s.zarr", N)
+    other_vae = {**VAE, "weights_sha256": "cd" * 32}
+    with pytest.raises(CacheError) as refused:
+        open_writer(tmp_path / "s.zarr", N, vae_identity=other_vae, source="/data/images/train-2026-12-02/imagenet/"
+                    "ILSVRC2012_img_train_resized_to_256_px")
+    message = str(refused.value)
+    assert "vae.weights_sha256: 'abababababab...' -> 'cdcdcdcdcdcd...'" in message  # only the entry that differs
+    assert "vae.source" not in message and "chunk_size" not in message
+    assert ("source: '/data/images/train' -> '/data/images/train-2026-12-02/imagenet/ILSVRC2012_img_train_resized_"
+            "to_256_px'") in message  # a path whole, however long

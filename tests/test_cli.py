@@ -130,8 +130,8 @@ def test_an_unreachable_hub_id_is_one_error_without_warnings(tmp_path, monkeypat
 
 
 def test_encode_over_a_complete_store_of_other_inputs_says_what_differs(tmp_path):
-    from helpers_eval import write_images
-    from helpers_vae import make_tiny_vae
+    from tests.helpers_eval import write_images
+    from tests.helpers_vae import make_tiny_vae
 
     vae = make_tiny_vae(tmp_path, latent_channels=4, image_size=32)
     first, second = write_images(tmp_path / "first", n=6), write_images(tmp_path / "second", n=4, seed=1)

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from helpers_eval import RESOLUTION, make_eval_setup
 from revq_pipe.cache.importer import import_tensor
 from revq_pipe.stages.cli import app
 from revq_pipe.stages.config import save_config
+from tests.helpers_eval import RESOLUTION, make_eval_setup
 
 runner = CliRunner()
 

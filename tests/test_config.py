@@ -145,6 +145,19 @@ def test_the_config_accepts_exactly_the_rectifiers_that_build(values):
         assert load_config(None, sets).rectifier == RectifierSpec(**values)
 
 
+@pytest.mark.parametrize("name", ["none", "flip", "ten-crop", "rotate", "Flip"])
+def test_the_config_accepts_exactly_the_augmentations_the_views_cut(name):
+    from revq_pipe.pipeline.views import view_set
+
+    try:
+        view_set(name, 8)
+    except ValueError:
+        with pytest.raises(ConfigError, match=f"tokenize.augment='{name}' is not one of none, flip, ten-crop"):
+            load_config(None, [f"tokenize.augment={name}"])
+    else:
+        assert load_config(None, [f"tokenize.augment={name}"]).tokenize.augment == name
+
+
 def test_the_built_in_defaults_are_the_demo(tmp_path, monkeypatch):
     """The defaults are one coherent setting: the demo's data and VAE with a model that fits the demo's cache."""
     import json

@@ -7,7 +7,7 @@ import torch
 
 from revq_pipe.cache.loader import LatentSource, epoch_order, rank_share
 from revq_pipe.cache.reader import LatentCache
-from helpers_cache import build_store
+from tests.helpers_cache import build_store
 
 CPU = torch.device("cpu")
 

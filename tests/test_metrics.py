@@ -62,7 +62,8 @@ def test_feature_stats_match_numpy_and_merge_exactly():
     whole.update(feats)
     part1.update(feats[:15])
     part2.update(feats[15:])
-    part1.merge(part2)
+    for mine, theirs in zip(part1.tensors(), part2.tensors()):  # what an all-reduce (sum) of two ranks does
+        mine += theirs
     mean, cov = whole.mean_and_covariance()
     np.testing.assert_allclose(mean, feats.double().numpy().mean(0), rtol=1e-12)
     np.testing.assert_allclose(cov, np.cov(feats.double().numpy(), rowvar=False), rtol=1e-9)
@@ -76,9 +77,11 @@ def test_feature_stats_match_numpy_and_merge_exactly():
 class TinyFeatures(nn.Module):
     """Linear stand-in: features are 2x2 average pools of the raw pixel values (12-d)."""
 
-    def __init__(self, num_classes: int = 5):
+    feature_dim, num_classes = 12, 5
+
+    def __init__(self):
         super().__init__()
-        self.head = nn.Linear(12, num_classes)
+        self.head = nn.Linear(self.feature_dim, self.num_classes)
 
     def forward(self, images):
         features = nn.functional.adaptive_avg_pool2d(images.double(), 2).flatten(1)  # (B, 12)
@@ -90,38 +93,54 @@ def _images(seed, n=24, size=8, high=200):
     return torch.randint(0, high, (n, 3, size, size), generator=generator, dtype=torch.uint8)
 
 
-def test_fid_identical_sets_is_zero_and_shift_gives_closed_form():
-    real = _images(0)
-    evaluator = FidEvaluator(TinyFeatures(), feature_dim=12, num_classes=5, splits=2)
-    evaluator.update(real[:10], real[:10])
-    evaluator.update(real[10:], real[10:])
-    result = evaluator.compute()
-    assert result.fid == pytest.approx(0.0, abs=1e-7)
-    assert (result.num_real, result.num_fake) == (24, 24)
+def test_fid_of_each_set_against_one_reference_identical_is_zero_and_a_shift_is_closed_form():
+    real, shift = _images(0), 7  # every feature moves by 7, covariances unchanged: FID = 12 * 7^2
+    evaluator = FidEvaluator(TinyFeatures(), ["same", "shifted"], splits=2)
+    for batch in (real[:10], real[10:]):
+        evaluator.update_real(batch)  # the reference set's features are extracted once for both sets
+        evaluator.update_fake(batch, "same")
+        evaluator.update_fake(batch + shift, "shifted")
+    same, shifted = evaluator.compute("same"), evaluator.compute("shifted")
+    assert same.fid == pytest.approx(0.0, abs=1e-7) and (same.num_real, same.num_fake) == (24, 24)
+    assert shifted.fid == pytest.approx(12 * shift**2, rel=1e-7)
+    assert same.inception_score is not None and same.missing == {} and shifted.missing == {}
 
-    shift = 7  # every feature moves by 7, covariances unchanged: FID = 12 * 7^2
-    shifted = FidEvaluator(TinyFeatures(), feature_dim=12, num_classes=None)
-    shifted.update(real, real + shift)
-    result = shifted.compute()
+    plain = FidEvaluator(TinyFeatures(), inception_score=False)
+    plain.update_real(real)
+    plain.update_fake(real + shift)
+    result = plain.compute()
     assert result.fid == pytest.approx(12 * shift**2, rel=1e-7)
-    assert result.inception_score is None
+    assert result.inception_score is None and "not asked for" in result.missing["inception_score"]
+
+
+def test_what_too_few_images_cannot_give_is_null_with_the_reason():
+    evaluator = FidEvaluator(TinyFeatures(), splits=10)
+    evaluator.update_real(_images(0, n=5))
+    evaluator.update_fake(_images(1, n=1))
+    result = evaluator.compute()
+    assert result.fid is None and "at least 2 images in each set, got 5 reference and 1 fake" in result.missing["rfid"]
+    assert result.inception_score is None and "at least 10 images" in result.missing["inception_score"]
 
 
 def test_evaluator_state_sums_across_ranks():
     real, fake = _images(1), _images(2)
     net = TinyFeatures()
-    single = FidEvaluator(net, feature_dim=12, num_classes=5, splits=3)
-    single.update(real, fake)
-    ranks = [FidEvaluator(net, feature_dim=12, num_classes=5, splits=3) for _ in range(2)]
+    single = FidEvaluator(net, splits=3)
+    single.update_real(real)
+    single.update_fake(fake)
+    ranks = [FidEvaluator(net, splits=3) for _ in range(2)]
     for rank, evaluator in enumerate(ranks):  # rank r gets images r, r+2, ... with their global indices
         indices = torch.arange(rank, 24, 2)
-        evaluator.update(real[indices], fake[indices], indices)
+        evaluator.update_real(real[indices])
+        evaluator.update_fake(fake[indices], indices=indices)
     # What an all-reduce does: every state tensor summed over ranks.
     other_rank = iter(ranks[1].tensors())
     ranks[0].all_reduce_(lambda tensor: tensor.add_(next(other_rank)))
     for merged, whole in zip(ranks[0].tensors(), single.tensors()):
         torch.testing.assert_close(merged, whole, rtol=1e-12, atol=1e-9)
-    assert ranks[0].compute().fid == pytest.approx(single.compute().fid, rel=1e-9)
+    merged, whole = ranks[0].compute(), single.compute()
+    assert merged.fid == pytest.approx(whole.fid, rel=1e-9)
+    assert merged.inception_score == pytest.approx(whole.inception_score, rel=1e-12)
 
 
 def test_inception_score_closed_forms_and_reference():

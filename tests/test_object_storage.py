@@ -23,9 +23,10 @@ from revq_pipe.cache.staging import staged_unit_ids
 from revq_pipe.stages.config import load_config
 from revq_pipe.stages.encode import run_encode
 from revq_pipe.stages.train import run_train
+from tests.helpers_cache import store_files
+from tests.helpers_encode import config, driver, encode_in_process, env
 from tests.helpers_processes import one_thread, run_ranks
-from tests.test_encode import config, data, driver, encode_in_process, env, store_files  # noqa: F401
-from tests.test_train import TINY, make_cache, structured_latents
+from tests.helpers_train import TINY, make_cache, structured_latents
 
 
 def object_files(url: str) -> dict[str, bytes]:
@@ -33,27 +34,19 @@ def object_files(url: str) -> dict[str, bytes]:
     return {name: storage.read_bytes(f"{url}/{name}") for name in storage.list_prefix(url)}
 
 
-@pytest.fixture(scope="module")
-def reference_store(data):  # noqa: F811
-    """An uninterrupted 1-process local encode with the driver's settings."""
-    out = data["root"] / "reference_s3.zarr"
-    encode_in_process(data, out)
-    return out
-
-
-def test_encode_to_s3_equals_local_and_reads_back(data, reference_store, s3_bucket, tmp_path, monkeypatch):  # noqa: F811
+def test_encode_to_s3_equals_local_and_reads_back(encode_data, encode_reference, s3_bucket, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     url = f"{s3_bucket}/caches/train.zarr"
-    manifest = encode_in_process(data, url)
+    manifest = encode_in_process(encode_data, url)
     assert manifest.complete and manifest.num_samples == 40
     assert not (tmp_path / "s3:").exists()
     # the very same objects as the local store's files, and no staging left behind
-    assert object_files(url) == store_files(reference_store)
+    assert object_files(url) == store_files(encode_reference)
     # the resolved config is an object beside the store
     cfg = yaml.safe_load(storage.read_bytes(f"{s3_bucket}/caches/train.config.yaml"))
     assert cfg["encode"]["chunk_size"] == 8
 
-    remote, local = LatentCache.open(url), LatentCache.open(reference_store)
+    remote, local = LatentCache.open(url), LatentCache.open(encode_reference)
     assert remote.path == url and remote.is_remote
     assert torch.equal(remote.load_latents(), local.load_latents())
     seen = []
@@ -68,13 +61,13 @@ def test_encode_to_s3_equals_local_and_reads_back(data, reference_store, s3_buck
     assert info["storage"]["num_chunks"] == 5
 
     # rerunning is a no-op; a finished store is refused without --overwrite, replaced with it
-    assert encode_in_process(data, url).num_samples == 40
+    assert encode_in_process(encode_data, url).num_samples == 40
     with pytest.raises(CacheError, match="no latent cache at s3://"):
         LatentCache.open(f"{s3_bucket}/caches/missing.zarr")
     assert not (tmp_path / "s3:").exists()
 
 
-def test_encode_cli_to_s3_never_writes_a_local_s3_folder(data, s3_bucket, tmp_path, monkeypatch):  # noqa: F811
+def test_encode_cli_to_s3_never_writes_a_local_s3_folder(encode_data, s3_bucket, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from revq_pipe.stages.cli import app
@@ -83,8 +76,8 @@ def test_encode_cli_to_s3_never_writes_a_local_s3_folder(data, s3_bucket, tmp_pa
     url = f"{s3_bucket}/c.zarr"
     with one_thread():
         result = CliRunner().invoke(app, [
-            "encode", "--images", str(data["images"]), "--out", url, "--split", "train",
-            "--set", f"vae.source={data['vae']}", "--set", "vae.device=cpu", "--set", "data.resolution=32",
+            "encode", "--images", str(encode_data["images"]), "--out", url, "--split", "train",
+            "--set", f"vae.source={encode_data['vae']}", "--set", "vae.device=cpu", "--set", "data.resolution=32",
             "--set", "encode.batch_size=4", "--set", "encode.chunk_size=8", "--set", "encode.num_workers=0"])
     assert result.exit_code == 0, result.output
     assert not any(p.name.startswith("s3:") for p in tmp_path.rglob("*")), sorted(tmp_path.rglob("*"))
@@ -94,9 +87,9 @@ def test_encode_cli_to_s3_never_writes_a_local_s3_folder(data, s3_bucket, tmp_pa
 
 
 @pytest.mark.slow
-def test_kill_and_resume_on_s3_matches_an_uninterrupted_run(data, reference_store, s3_bucket, capsys):  # noqa: F811
+def test_kill_and_resume_on_s3_matches_an_uninterrupted_run(encode_data, encode_reference, s3_bucket, capsys):
     url = f"{s3_bucket}/resumed.zarr"
-    process = subprocess.Popen(driver(data, url, "--unit-delay", "0.3"), env=env(),
+    process = subprocess.Popen(driver(encode_data, url, "--unit-delay", "0.3"), env=env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(staged_unit_ids(url)) < 2 and time.monotonic() < deadline:
@@ -112,17 +105,17 @@ def test_kill_and_resume_on_s3_matches_an_uninterrupted_run(data, reference_stor
         LatentCache.open(url)
     assert cache_info(url)["units_staged"] == staged
 
-    encode_in_process(data, url)
+    encode_in_process(encode_data, url)
     assert f"resuming: {staged} of 6 units already encoded" in capsys.readouterr().err
-    assert object_files(url) == store_files(reference_store)
+    assert object_files(url) == store_files(encode_reference)
 
 
 @pytest.mark.slow
-def test_two_ranks_write_one_s3_store_like_one_rank(data, reference_store, s3_bucket):  # noqa: F811
+def test_two_ranks_write_one_s3_store_like_one_rank(encode_data, encode_reference, s3_bucket):
     url = f"{s3_bucket}/two.zarr"
-    result = run_ranks(driver(data, url, "--workers", "1"), env(), timeout=180)
+    result = run_ranks(driver(encode_data, url, "--workers", "1"), env(), timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert object_files(url) == store_files(reference_store)
+    assert object_files(url) == store_files(encode_reference)
 
 
 def test_train_from_s3_caches(s3_bucket, tmp_path):
@@ -149,7 +142,7 @@ def test_train_from_s3_caches(s3_bucket, tmp_path):
     assert pushed == {p.name: p.read_bytes() for p in (run / "tokenizer").iterdir()}
 
 
-def test_encode_from_webdataset_shards_in_the_bucket(data, s3_bucket, tmp_path):  # noqa: F811
+def test_encode_from_webdataset_shards_in_the_bucket(encode_data, s3_bucket, tmp_path):
     """Images as .tar shards on object storage encode to the same latents as the same shards on disk."""
     import webdataset as wds
 
@@ -157,7 +150,7 @@ def test_encode_from_webdataset_shards_in_the_bucket(data, s3_bucket, tmp_path):
 
     shards = tmp_path / "shards"
     shards.mkdir()
-    files = sorted(p for p in Path(data["images"]).rglob("*.png"))
+    files = sorted(p for p in Path(encode_data["images"]).rglob("*.png"))
     for shard in range(2):
         with wds.TarWriter(str(shards / f"train-{shard:06d}.tar"), encoder=False, mtime=0) as sink:
             for i, path in enumerate(files[shard::2]):
@@ -169,21 +162,21 @@ def test_encode_from_webdataset_shards_in_the_bucket(data, s3_bucket, tmp_path):
     assert [remote.key(i) for i in range(len(remote))] == [local.key(i) for i in range(len(local))]
     assert remote.read_bytes(3) == local.read_bytes(3)
     with one_thread():
-        run_encode(config(data["vae"], num_workers=2), split="train", images=f"{s3_bucket}/shards/",
+        run_encode(config(encode_data["vae"], num_workers=2), split="train", images=f"{s3_bucket}/shards/",
                    out=str(tmp_path / "r.zarr"),
                    overwrite=False)
-        run_encode(config(data["vae"]), split="train", images=str(shards), out=str(tmp_path / "l.zarr"),
+        run_encode(config(encode_data["vae"]), split="train", images=str(shards), out=str(tmp_path / "l.zarr"),
                    overwrite=False)
     assert torch.equal(LatentCache.open(tmp_path / "r.zarr").load_latents(),
                        LatentCache.open(tmp_path / "l.zarr").load_latents())
 
 
-def test_encode_from_an_image_folder_in_the_bucket(data, reference_store, s3_bucket, tmp_path):  # noqa: F811
+def test_encode_from_an_image_folder_in_the_bucket(encode_data, encode_reference, s3_bucket, tmp_path):
     """An ImageFolder tree stored as objects reads and encodes like the same tree on disk: same keys, classes,
     labels, skipped (unreadable) images and latents; non-images counted, hidden objects passed over."""
     from revq_pipe.stages.datasets import open_image_dataset
 
-    tree, url = Path(data["images"]), f"{s3_bucket}/imagenet/train"
+    tree, url = Path(encode_data["images"]), f"{s3_bucket}/imagenet/train"
     for path in sorted(p for p in tree.rglob("*") if p.is_file()):
         storage.write_bytes_atomic(f"{url}/{path.relative_to(tree).as_posix()}", path.read_bytes())
     storage.write_bytes_atomic(f"{url}/dog/notes.txt", b"not an image")
@@ -196,10 +189,10 @@ def test_encode_from_an_image_folder_in_the_bucket(data, reference_store, s3_buc
     assert remote.read_bytes(5) == local.read_bytes(5)
 
     with one_thread():
-        manifest = run_encode(config(data["vae"], num_workers=2), split="train", images=f"{url}/",
+        manifest = run_encode(config(encode_data["vae"], num_workers=2), split="train", images=f"{url}/",
                               out=str(tmp_path / "r.zarr"), overwrite=False)
     assert manifest.source == f"{url}/" and manifest.ignored == {"count": 1, "keys": ["dog/notes.txt"]}
-    encoded, reference = LatentCache.open(tmp_path / "r.zarr"), LatentCache.open(reference_store)
+    encoded, reference = LatentCache.open(tmp_path / "r.zarr"), LatentCache.open(encode_reference)
     assert encoded.keys() == reference.keys() and np.array_equal(encoded.labels(), reference.labels())
     assert encoded.manifest.skipped == reference.manifest.skipped
     assert torch.equal(encoded.load_latents(), reference.load_latents())
@@ -207,15 +200,15 @@ def test_encode_from_an_image_folder_in_the_bucket(data, reference_store, s3_buc
         open_image_dataset(f"{s3_bucket}/imagenet/val")
 
 
-def test_storage_endpoint_setting_reaches_the_cache(data, s3_bucket, s3_server, tmp_path, monkeypatch):  # noqa: F811
+def test_storage_endpoint_setting_reaches_the_cache(encode_data, s3_bucket, s3_server, tmp_path, monkeypatch):
     """--set storage.endpoint_url works without AWS_ENDPOINT_URL in the environment."""
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     url = f"{s3_bucket}/ep.zarr"
     cfg = load_config(None, [f"storage.endpoint_url={s3_server.endpoint_url}"], {
-        "vae.source": str(data["vae"]), "vae.device": "cpu", "data.resolution": 32,
+        "vae.source": str(encode_data["vae"]), "vae.device": "cpu", "data.resolution": 32,
         "encode.batch_size": 4, "encode.chunk_size": 16, "encode.num_workers": 0})
     with one_thread():
-        manifest = run_encode(cfg, split="train", images=str(data["images"]), out=url, overwrite=False)
+        manifest = run_encode(cfg, split="train", images=str(encode_data["images"]), out=url, overwrite=False)
     options = storage.storage_options(s3_server.endpoint_url)
     assert LatentCache.open(url, options=options).num_samples == manifest.num_samples == 40
 

@@ -14,9 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers_eval import make_eval_setup
-from helpers_tokens import (CODEBOOK_SIZE, NUM_CLASSES, NUM_TOKENS, class_pattern, class_patterned_ids,
-                            save_tiny_tokenizer, write_token_store)
 from revq_pipe.pipeline.prior import PriorSpec, TokenPrior
 from revq_pipe.stages.config import load_config
 from revq_pipe.stages.grid import GAP, display_scale
@@ -24,7 +21,10 @@ from revq_pipe.stages.prior import TokenRows, load_prior, local_batch_size, run_
 from revq_pipe.stages.prior_eval import run_prior_eval
 from revq_pipe.stages.prior_sample import run_prior_sample
 from revq_pipe.stages.tokenize import run_tokenize
+from tests.helpers_eval import make_eval_setup
 from tests.helpers_processes import one_thread, run_ranks
+from tests.helpers_tokens import (CODEBOOK_SIZE, NUM_CLASSES, NUM_TOKENS, class_pattern, class_patterned_ids,
+                                  save_tiny_tokenizer, write_token_store)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -213,6 +213,7 @@ def test_sample_and_eval_through_the_tokenizer_the_tokens_came_from(tmp_path):
     settings = {**_flat(setup.cfg), "prior.train_tokens": str(train), "prior.val_tokens": str(val),
                 "prior.run": str(tmp_path / "prior"), "prior.batch_size": 8, "prior.epochs": 2,
                 "prior.eval_samples_per_class": 4, "prior.cas_epochs": 2,
+                "prior.num_workers": 0, "encode.num_workers": -1,  # prior eval decodes with its own setting
                 **{k: v for k, v in (s.split("=") for s in TINY) if k not in ("prior.batch_size", "prior.epochs")}}
     cfg = load_config(None, [], settings)
     run = run_prior_train(cfg)

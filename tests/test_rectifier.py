@@ -72,12 +72,19 @@ def test_none_is_an_identity_without_parameters():
     assert list(rectifier.parameters()) == [] and rectifier(x) is x
 
 
-def test_invalid_specs_are_refused():
-    with pytest.raises(ValueError, match="width=20 is not a multiple of the 8 latent channels"):
+def test_invalid_specs_are_refused_naming_the_setting_and_the_fix():
+    """The module and build_rectifier answer with RectifierSpec.check's messages (the config loader's too)."""
+    with pytest.raises(ValueError, match=r"rectifier.width=20 is not a multiple of the 8 latent channels .* choose a"):
         EfficientViTRectifier(8, 20, 1, head_dim=4)
-    with pytest.raises(ValueError, match="head_dim=5"):
+    with pytest.raises(ValueError, match=r"rectifier.width=16 is not a multiple of rectifier.head_dim=5"):
         EfficientViTRectifier(4, 16, 1, head_dim=5)
-    with pytest.raises(ValueError, match="kind='mlp'"):
+    with pytest.raises(ValueError, match=r"rectifier.forward='fast' is not one of auto, channels_last, diffusers"):
+        EfficientViTRectifier(4, 16, 1, head_dim=8, forward="fast")
+    with pytest.raises(ValueError, match=r"rectifier.depth=-1 must be an integer >= 0"):
+        build_rectifier(RectifierSpec(width=16, depth=-1, head_dim=8), 4)
+    with pytest.raises(ValueError, match=r"latent_channels=0: a latent has at least one channel"):
+        build_rectifier(TINY, 0)
+    with pytest.raises(ValueError, match=r"rectifier.kind='mlp' is not one of vit, none"):
         build_rectifier(RectifierSpec(kind="mlp"), 4)
 
 

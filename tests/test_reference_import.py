@@ -24,7 +24,6 @@ from diffusers.models.normalization import RMSNorm
 from torch import nn
 from typer.testing import CliRunner
 
-from helpers_eval import RESOLUTION, make_eval_setup
 from revq_pipe.cache.reader import LatentCache
 from revq_pipe.cache.token_store import TokenStore
 from revq_pipe.pipeline.images import recipe
@@ -35,6 +34,7 @@ from revq_pipe.pipeline.vae import FrozenVAE
 from revq_pipe.stages import import_reference as stage
 from revq_pipe.stages.cli import app
 from revq_pipe.stages.import_reference import run_import_reference
+from tests.helpers_eval import RESOLUTION, make_eval_setup
 
 runner = CliRunner()
 

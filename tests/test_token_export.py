@@ -9,7 +9,7 @@ import pytest
 
 from revq_pipe.cache.token_store import flat_ids, per_position_ids
 from revq_pipe.stages.token_export import run_token_export
-from helpers_tokens import CODEBOOK_SIZE, NUM_TOKENS, save_tiny_tokenizer, write_token_store
+from tests.helpers_tokens import CODEBOOK_SIZE, NUM_TOKENS, save_tiny_tokenizer, write_token_store
 
 NUM_IMAGES, NUM_VIEWS = 21, 2  # 21 images: the last unit of 16 is partial
 

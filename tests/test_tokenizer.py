@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers_vae import make_tiny_vae
 from revq_pipe.pipeline.normalizer import LatentNormalizer
 from revq_pipe.pipeline.quantizer import MultiGroupQuantizer
 from revq_pipe.pipeline.rectifier import build_rectifier
 from revq_pipe.pipeline.rectifier_spec import RectifierSpec
 from revq_pipe.pipeline.tokenizer import RevqTokenizer
 from revq_pipe.pipeline.vae import FrozenVAE
+from tests.helpers_vae import make_tiny_vae
 
 SHAPE = (32, 8, 8)  # the tiny VAE's latent at 64x64
 RECIPE = {"resolution": 64, "resize": "shorter-side bilinear antialias", "crop": "center", "value_range": [-1, 1]}

@@ -6,8 +6,8 @@ import json
 
 from PIL import Image
 
-from helpers_eval import make_config, make_eval_setup
 from revq_pipe.stages.tolerance import run_tolerance
+from tests.helpers_eval import make_config, make_eval_setup
 
 
 def test_tolerance_curve_and_tokenizer_points(tmp_path, monkeypatch):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from revq_pipe.cache.importer import import_tensor
 from revq_pipe.cache.schema import CacheError
 from revq_pipe.cache.writer import CacheWriter
 from revq_pipe.pipeline.normalizer import LatentNormalizer
@@ -22,37 +21,15 @@ from revq_pipe.stages.config import load_config
 from revq_pipe.stages.train import run_train
 from revq_pipe.stages.train_loop import LrSchedule, NonFiniteLossError
 from tests.helpers_processes import Ranks, one_thread, run_ranks
+from tests.helpers_train import SHAPE, TINY, make_cache, structured_latents
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "_train_driver.py"
-SHAPE = (8, 4, 4)  # (C, H, W): 128 values
-TINY = [
-    "quantizer.num_tokens=32", "quantizer.codebook_size=16", "rectifier.width=32", "rectifier.depth=1",
-    "rectifier.head_dim=16", "train.epochs=3", "train.batch_size=32", "train.log_every=4", "train.device=cpu",
-]
 METRIC_FIELDS = {"epoch", "step", "lr", "rectifier_lr", "gate", "holdout_quant_mse", "holdout_rect_mse",
                  "train_quant_mse", "train_rect_mse",
                  "val_quant_mse", "val_rect_mse", "codebook_usage", "dead_codes", "codes_reset", "perplexity",
                  "samples_per_s", "elapsed_s"}
 TIMING_FIELDS = {"samples_per_s", "elapsed_s"}
-
-
-def structured_latents(n: int, seed: int, shape=SHAPE) -> np.ndarray:
-    """Latents on a noisy 6-dimensional subspace with per-element offsets and scales (shared by all splits)."""
-    size = int(np.prod(shape))
-    fixed = np.random.default_rng(1234)
-    basis, offset, scale = fixed.normal(size=(6, size)), fixed.normal(0, 2, size), fixed.uniform(0.5, 2, size)
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 6)) @ basis + 0.3 * rng.normal(size=(n, size))
-    return (x * scale + offset).reshape(n, *shape).astype(np.float32)
-
-
-def make_cache(folder: Path, split: str, latents: np.ndarray, **kwargs) -> Path:
-    src = folder / f"{split}.npy"
-    np.save(src, latents)
-    out = folder / f"{split}.zarr"
-    import_tensor(src, out, split=split, chunk_size=64, **kwargs)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +198,7 @@ def test_refuses_incomplete_cache(caches, tmp_path):
     store = tmp_path / "partial.zarr"
     writer = CacheWriter.open(store, num_inputs=128, latent_shape=SHAPE, split="train",
                               vae_identity={"source": None, "class": None, "weights_sha256": None},
-                              image_recipe={"resolution": None}, chunk_size=64, create=True)
+                              image_recipe={"resolution": None}, source=None, chunk_size=64, create=True)
     writer.write_unit(0, structured_latents(64, 0), np.full(64, -1), [f"k{i}" for i in range(64)], [])
     with pytest.raises(CacheError, match="incomplete"):
         run_train(tiny_config((store, caches[1]), tmp_path / "run"))
@@ -309,7 +286,7 @@ def test_the_rectifier_never_makes_a_validation_epoch_worse(tmp_path):
     paper's learning rates), the rectified validation MSE is at most the quantized one after every epoch.
     Without the rectifier's warm-up (train.rectifier_warmup_steps=0) this very run gives rectified > quantized
     after both epochs (0.077874 > 0.077725, 0.077735 > 0.077684); with it 0.077180 and 0.077050. (The issue's
-    own setting, K=1,024, 128x2, batch 256 on 2,048 latents, behaves the same way at 3.5x the time: README.)"""
+    own setting, K=1,024, 128x2, batch 256 on 2,048 latents, behaves the same way at 3.5x the time: docs/measurements.md.)"""
     shape = (32, 8, 8)
     rng, basis = np.random.default_rng(0), np.random.default_rng(123).normal(size=(8, 2048))
     caches = []
@@ -368,3 +345,12 @@ def test_the_gated_rectifier_is_never_worse_than_the_codes_even_in_epochs_of_one
     for kind, batch in (("low-rank", 512), ("smooth", 256)):  # 1 and 2 steps per epoch over all 512 latents
         ungated = epochs(kind, batch, "train.gate=false")
         assert any(m["val_rect_mse"] > m["val_quant_mse"] for m in ungated), (kind, ungated)
+
+
+def test_a_run_records_its_precision_in_its_metrics_and_its_tokenizer(caches, tmp_path):
+    run = run_train(tiny_config(caches, tmp_path / "run", "train.epochs=1", "train.precision=bf16"))
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["precision"] == "bf16"
+    provenance = RevqTokenizer.from_pretrained(run / "tokenizer", device="cpu").provenance["trained"]["precision"]
+    assert provenance == {"policy": "bf16", "float32_math": "ieee", "bfloat16_autocast": "the rectifier",
+                          "codebook_search": "ieee float32, exact"}

@@ -10,7 +10,6 @@ from .inception import (
     FID_WEIGHTS_ENV,
     FIDInceptionV3,
     InceptionOutput,
-    file_sha256,
     load_fid_inception,
     resolve_weights_path,
     try_load_fid_inception,
@@ -19,7 +18,7 @@ from .lpips import LPIPS, LPIPS_WEIGHTS_ENV, load_lpips, try_load_lpips
 
 __all__ = [
     "FID_WEIGHTS_ENV", "LPIPS_WEIGHTS_ENV", "FIDInceptionV3", "InceptionOutput", "FeatureStats",
-    "InceptionScoreStats", "FidEvaluator", "FidResult", "LPIPS", "file_sha256", "fid_from_stats",
+    "InceptionScoreStats", "FidEvaluator", "FidResult", "LPIPS", "fid_from_stats",
     "frechet_distance", "load_fid_inception", "load_lpips", "psnr_rgb", "psnr_y", "resolve_weights_path",
     "rgb_to_luma", "ssim", "ssim_gray", "try_load_fid_inception", "try_load_lpips",
 ]

@@ -1,15 +1,17 @@
 """Frechet distance and Inception Score from accumulated, mergeable statistics.
 
 Features are never stored: each set keeps float64 sums (count, sum, sum of outer products), so a
-50,000-image evaluation needs O(D^2) memory and ranks combine by summing tensors. The feature
-network is any module mapping uint8 images (B, 3, H, W) to an `InceptionOutput` (or a plain
-(B, D) feature tensor when no Inception Score is wanted); tests use a tiny stand-in.
+50,000-image evaluation needs O(D^2) memory and ranks combine by summing tensors. `FidEvaluator` is the
+one accumulator of a reference set and the sets compared with it (stages/eval_metrics.py for eval and
+the tolerance curve, stages/prior_eval.py for samples). The feature network is any module mapping uint8
+images (B, 3, H, W) to an `InceptionOutput` (or a plain (B, D) feature tensor when no Inception Score is
+wanted); tests use a tiny stand-in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,13 +46,6 @@ class FeatureStats:
     def tensors(self) -> list[torch.Tensor]:
         """The state, in a fixed order; summing each tensor across ranks merges the ranks."""
         return [self.count, self.sum, self.outer]
-
-    def merge(self, other: "FeatureStats") -> None:
-        """Add another accumulator's state into this one."""
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge feature stats of dim {other.dim} into dim {self.dim}")
-        for mine, theirs in zip(self.tensors(), other.tensors()):
-            mine += theirs.to(mine.device)
 
     def mean_and_covariance(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean (D,) and unbiased covariance (D, D), float64, as numpy's np.cov(rowvar=False)."""
@@ -135,13 +130,6 @@ class InceptionScoreStats:
         """The state, in a fixed order; summing each tensor across ranks merges the ranks."""
         return [self.count, self.prob_sum, self.plogp_sum]
 
-    def merge(self, other: "InceptionScoreStats") -> None:
-        """Add another accumulator's state into this one."""
-        if (other.num_classes, other.splits) != (self.num_classes, self.splits):
-            raise ValueError("cannot merge Inception Score stats with different classes or splits")
-        for mine, theirs in zip(self.tensors(), other.tensors()):
-            mine += theirs.to(mine.device)
-
     def compute(self) -> tuple[float, float]:
         """(mean, std) of exp(mean KL) over the splits (std with ddof=0, as the original code)."""
         count = self.count.cpu().double()
@@ -156,41 +144,44 @@ class InceptionScoreStats:
 
 @dataclass
 class FidResult:
-    fid: float
-    inception_score: float | None  # of the fake images; None when the feature net gives no logits
+    """FID of one image set against the reference set, and that set's Inception Score; a value that cannot be
+    computed is None with the reason in `missing` ("rfid" / "inception_score" -> why)."""
+
+    fid: float | None
+    inception_score: float | None
     inception_score_std: float | None
     num_real: int
     num_fake: int
+    missing: dict[str, str] = field(default_factory=dict)
 
 
 class FidEvaluator:
-    """Accumulates real and fake features (and the fake images' Inception Score) batch by batch.
+    """Accumulates the features of one reference set and of named sets compared with it (reconstructions,
+    samples), and each named set's Inception Score, batch by batch; ranks merge by summing `tensors()`.
 
     Args:
-        feature_net: module mapping uint8 images (B, 3, H, W) to an `InceptionOutput`
-            (or a (B, D) tensor: then no Inception Score).
-        feature_dim: D (2048 for the FID Inception).
-        num_classes: logits per image for the Inception Score, or None to skip it.
+        feature_net: module mapping uint8 images (B, 3, H, W) to an `InceptionOutput` (or a (B, D) feature
+            tensor); its `feature_dim` and `num_classes` attributes size the sums (the FID Inception's when it
+            has none). num_classes None or 0: no Inception Score.
+        sources: names of the sets compared with the reference set.
+        inception_score: False to skip the Inception Score even when the network gives logits.
         splits: Inception Score splits (10 is standard).
         device: where the statistics live; defaults to the feature net's device.
     """
 
-    def __init__(
-        self,
-        feature_net: nn.Module,
-        *,
-        feature_dim: int = FEATURE_DIM,
-        num_classes: int | None = NUM_CLASSES,
-        splits: int = 10,
-        device: str | torch.device | None = None,
-    ):
+    def __init__(self, feature_net: nn.Module, sources: Sequence[str] = ("fake",), *, inception_score: bool = True,
+                 splits: int = 10, device: str | torch.device | None = None):
         if device is None:
             first = next(feature_net.parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
+        dim = getattr(feature_net, "feature_dim", FEATURE_DIM)
+        classes = getattr(feature_net, "num_classes", NUM_CLASSES) if inception_score else None
         self.feature_net = feature_net.eval()
-        self.real = FeatureStats(feature_dim, device)
-        self.fake = FeatureStats(feature_dim, device)
-        self.inception_score = InceptionScoreStats(num_classes, splits, device) if num_classes else None
+        self.real = FeatureStats(dim, device)
+        self.fake = {name: FeatureStats(dim, device) for name in sources}
+        self.inception = {name: InceptionScoreStats(classes, splits, device) for name in sources} if classes else {}
+        self._no_inception = None if classes else ("the feature network gives no class logits" if inception_score
+                                                   else "not asked for (inception_score=False)")
 
     @torch.no_grad()
     def _extract(self, images: torch.Tensor) -> InceptionOutput:
@@ -201,46 +192,40 @@ class FidEvaluator:
         """Add reference images, uint8 (B, 3, H, W)."""
         self.real.update(self._extract(images).features)
 
-    def update_fake(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> None:
-        """Add generated/reconstructed images, uint8 (B, 3, H, W); `indices` place them in IS splits."""
+    def update_fake(self, images: torch.Tensor, source: str = "fake", indices: torch.Tensor | None = None) -> None:
+        """Add images of `source`, uint8 (B, 3, H, W); `indices` (B,) place them in Inception Score splits."""
         out = self._extract(images)
-        self.fake.update(out.features)
-        if self.inception_score is not None:
+        self.fake[source].update(out.features)
+        if self.inception:
             if out.logits is None:
-                raise ValueError("the feature network returned no logits; pass num_classes=None to skip IS")
-            self.inception_score.update(out.logits, indices)
-
-    def update(self, real: torch.Tensor, fake: torch.Tensor, indices: torch.Tensor | None = None) -> None:
-        """Add a batch of reference images and their reconstructions."""
-        self.update_real(real)
-        self.update_fake(fake, indices)
+                raise ValueError("the feature network returned no logits; pass inception_score=False to skip IS")
+            self.inception[source].update(out.logits, indices)
 
     def tensors(self) -> list[torch.Tensor]:
         """All state tensors in a fixed order: all-reduce (sum) each of them to merge ranks."""
-        tensors = self.real.tensors() + self.fake.tensors()
-        return tensors + (self.inception_score.tensors() if self.inception_score is not None else [])
+        tensors = self.real.tensors() + [t for stats in self.fake.values() for t in stats.tensors()]
+        return tensors + [t for stats in self.inception.values() for t in stats.tensors()]
 
     def all_reduce_(self, reduce_sum_: Callable[[torch.Tensor], object]) -> None:
         """Sum the state over ranks in place, e.g. `evaluator.all_reduce_(ctx.all_reduce_sum_)`."""
         for tensor in self.tensors():
             reduce_sum_(tensor)
 
-    def merge(self, other: "FidEvaluator") -> None:
-        """Add another evaluator's state (same feature net kind) into this one."""
-        if (self.inception_score is None) != (other.inception_score is None):
-            raise ValueError("cannot merge an evaluator with Inception Score stats into one without")
-        self.real.merge(other.real)
-        self.fake.merge(other.fake)
-        if self.inception_score is not None:
-            self.inception_score.merge(other.inception_score)
-
-    def compute(self) -> FidResult:
-        """FID between the real and fake sets, and the fake set's Inception Score."""
-        score, spread = self.inception_score.compute() if self.inception_score is not None else (None, None)
-        return FidResult(
-            fid=fid_from_stats(self.real, self.fake),
-            inception_score=score,
-            inception_score_std=spread,
-            num_real=int(self.real.count),
-            num_fake=int(self.fake.count),
-        )
+    def compute(self, source: str = "fake") -> FidResult:
+        """FID between the reference set and `source`, and the Inception Score of `source` (after all_reduce_)."""
+        fake, missing = self.fake[source], {}
+        fid = score = spread = None
+        if min(int(self.real.count), int(fake.count)) < 2:
+            missing["rfid"] = (f"FID needs at least 2 images in each set, got {int(self.real.count)} reference and "
+                               f"{int(fake.count)} {source} images")
+        else:
+            fid = fid_from_stats(self.real, fake)
+        if self._no_inception is not None:
+            missing["inception_score"] = self._no_inception
+        else:
+            try:
+                score, spread = self.inception[source].compute()
+            except ValueError as error:  # fewer images than splits
+                missing["inception_score"] = str(error)
+        return FidResult(fid=fid, inception_score=score, inception_score_std=spread, num_real=int(self.real.count),
+                         num_fake=int(fake.count), missing=missing)

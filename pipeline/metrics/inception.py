@@ -10,7 +10,6 @@ in the last block's pool branch. Module names match the weights file, so a plain
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from revq_pipe.pipeline.files import file_sha256
 from revq_pipe.pipeline.precision import ieee_float32
 
 FID_WEIGHTS_ENV = "REVQ_FID_WEIGHTS"
@@ -235,15 +235,6 @@ class FIDInceptionV3(nn.Module):
         # The original Inception Score code (and torch-fidelity) uses the logits without the bias.
         logits = features @ self.fc.weight.T  # (B, 1008)
         return InceptionOutput(features=features, logits=logits)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_weights_path(explicit: str | os.PathLike | None, env_var: str) -> Path | None:

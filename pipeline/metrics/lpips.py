@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from revq_pipe.pipeline.metrics.inception import file_sha256, resolve_weights_path
+from revq_pipe.pipeline.files import file_sha256
+from revq_pipe.pipeline.metrics.inception import resolve_weights_path
 from revq_pipe.pipeline.precision import ieee_float32
 
 LPIPS_WEIGHTS_ENV = "REVQ_LPIPS_WEIGHTS"
