@@ -54,7 +54,7 @@ def run_everywhere(collective: Collective, work: Callable[[], T], share: bool = 
 
 
 def rank_slice(num_items: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[lo, hi): rank r's contiguous share of num_items; shares differ by at most one, rank 0 first."""
+    """[lo, hi): rank r's contiguous share of num_items; shares are in rank order and differ by at most one."""
     if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     return rank * num_items // world_size, (rank + 1) * num_items // world_size

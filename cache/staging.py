@@ -120,6 +120,9 @@ class StagedWriter:
     CONTENTS: str = "data"           # what is written into it, e.g. "a cache" or "tokens"
     OUT_HINT: str = "output path"    # how the user names the store's path, e.g. "--out"
     SPEC_FIELDS: tuple[str, ...] = ()  # attributes that must match to resume or attach
+    # spec fields that older versions left unset (None) when they opened a store: an unfinished store without
+    # one still resumes, and gets this run's value when it is finalized
+    UNSET_BY_OLDER: tuple[str, ...] = ()
     ROW_ARRAYS: tuple[str, ...] = ()  # unit members that become rows of the final arrays, in unit order
 
     def __init__(self, path: str | os.PathLike, num_inputs: int, chunk_size: int,
@@ -132,6 +135,12 @@ class StagedWriter:
         self._staging = storage.join(self.path, STAGING_DIR)
 
     # ---- opening --------------------------------------------------------------------------------
+
+    @classmethod
+    def _unfinished_differences(cls, stored: dict[str, Any], attrs: dict[str, Any]) -> list[str]:
+        """spec_differences between an unfinished store and this run, over the fields the store recorded."""
+        fields = tuple(name for name in cls.SPEC_FIELDS if not (name in cls.UNSET_BY_OLDER and stored.get(name) is None))
+        return spec_differences(stored, attrs, fields)
 
     @classmethod
     def _describe_complete(cls, stored: dict[str, Any]) -> str:
@@ -162,7 +171,7 @@ class StagedWriter:
             if stored is None or stored.get("format") != cls.FORMAT or stored.get("complete", True):
                 raise CacheError(f"no unfinished {cls.NOUN} at {path} to attach to; rank 0 must call "
                                  f"{cls.__name__}.open(..., create=True) before the other ranks")
-            diffs = spec_differences(stored, attrs, cls.SPEC_FIELDS)
+            diffs = cls._unfinished_differences(stored, attrs)
             if diffs:
                 raise CacheError(f"the unfinished {cls.NOUN} at {path} was started with other settings "
                                  f"({'; '.join(diffs)}); every rank must pass the same arguments")
@@ -209,7 +218,8 @@ class StagedWriter:
             raise CacheError(f"{location} is not empty and is not a Zarr store; refusing to write {cls.CONTENTS} "
                              f"into it even with --overwrite. Choose a new or empty {cls.OUT_HINT}.")
         resumable = stored.get("format") == cls.FORMAT and not stored.get("complete", False)
-        diffs = spec_differences(stored, attrs, cls.SPEC_FIELDS)
+        diffs = cls._unfinished_differences(stored, attrs) if resumable else spec_differences(stored, attrs,
+                                                                                              cls.SPEC_FIELDS)
         if resumable and not diffs:
             return True
         if not overwrite:
@@ -220,7 +230,12 @@ class StagedWriter:
     def _refusal(cls, path: str | Path, stored: dict[str, Any], resumable: bool, attrs: dict[str, Any]) -> str:
         """Why an existing store cannot be reused (what differs from this run, and what it was made from), and
         what to do."""
-        changes = "; ".join(spec_differences(stored, attrs, cls.SPEC_FIELDS)) or "no setting"
+        if resumable and stored.get("format_version") != attrs.get("format_version"):
+            return (f"{path} holds an unfinished {cls.NOUN} of format version {stored.get('format_version')}, started "
+                    f"by an older revq-pipe; this one writes version {attrs.get('format_version')} and cannot resume "
+                    "it: pass --overwrite to start it again")
+        changes = "; ".join(cls._unfinished_differences(stored, attrs) if resumable
+                            else spec_differences(stored, attrs, cls.SPEC_FIELDS)) or "no setting"
         if resumable:
             return (f"{path} holds an unfinished {cls.NOUN} started with other settings (stored -> now: {changes}); "
                     "rerun with the original settings to resume it, or pass --overwrite to discard it")

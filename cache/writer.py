@@ -40,7 +40,9 @@ class CacheWriter(StagedWriter):
     FORMAT = FORMAT
     NOUN = "latent cache"
     CONTENTS = "a cache"
-    SPEC_FIELDS = ("split", "num_inputs", "latent_shape", "latent_dtype", "chunk_size", "vae", "image", "source")
+    SPEC_FIELDS = ("format_version", "split", "num_inputs", "latent_shape", "latent_dtype", "chunk_size", "vae", "image",
+                   "source")
+    UNSET_BY_OLDER = ("source",)  # older versions recorded it at finalize only
     ROW_ARRAYS = ("latents", "labels", "keys")
 
     def __init__(self, path: str | os.PathLike, manifest: CacheManifest,

@@ -86,7 +86,7 @@ class EfficientViTRectifier(nn.Module):
         return self._head(h)
 
     def _gated(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        gate = self.residual_gate.to(h.dtype)
+        h, gate = h.to(x.dtype), self.residual_gate.to(x.dtype)  # the fitted g exactly, also under bf16 autocast
         return x + gate * h if self.residual else gate * h + (1 - gate) * x
 
     def _channels_last(self, x: torch.Tensor) -> bool:

@@ -325,7 +325,7 @@ def adapt(
 ) -> None:
     """Adapt a tokenizer to a new domain's latents; each epoch reports the starting tokenizer beside the adapted one."""
     flags = {"data.train_cache": train_cache, "data.val_cache": val_cache, "train.run": run,
-             "adapt.train": train and [part.strip() for part in train.split(",") if part.strip()],
+             "adapt.train": train,  # "a,b" becomes a list like any list setting
              "adapt.epochs": epochs}
 
     def work():

@@ -31,6 +31,7 @@ from revq_pipe.cache.storage import is_url
 from revq_pipe.pipeline.files import atomic_write_text
 from revq_pipe.pipeline.choices import ADAPTABLE, AUGMENTS, INIT_METHODS, PRECISIONS, RESIDENCY, TRAINABLE
 from revq_pipe.pipeline.rectifier_spec import RectifierSpec
+from revq_pipe.stages.console import log
 
 
 class ConfigError(ValueError):
@@ -112,7 +113,7 @@ class TrainConfig:
     final_lr_fraction: float = 0.05
     trainable: list[str] = field(default_factory=lambda: list(TRAINABLE))  # what the optimizer changes
     gate: bool = True  # fit the rectifier's gate on held-out training latents: never worse than quantized
-    gate_holdout: int = 0  # training latents held out for the gate; 0 = 2% of the split, 32..10,000
+    gate_holdout: int = 0  # latents held out for the gate; 0 = 2% of the split (32..10,000, at most a tenth)
     rectifier_warmup_steps: int = 100  # rectifier lr ramp, at most one epoch, residual form only (train_loop)
     grad_clip: float = 1.0
     seed: int = 0
@@ -230,6 +231,13 @@ class RevqConfig:
         return storage.storage_options(self.storage.endpoint_url)
 
 
+# Keys that older versions wrote into a run's config.yaml, and what took their place. A recorded config
+# that holds one still loads (the key is left out and said so); a config or --set that passes one is refused.
+RETIRED_KEYS = {
+    "train.bf16": "train.precision (fp32 | tf32 | bf16)",
+    "vae.autocast_bf16": "vae.precision (fp32 | tf32 | bf16)",
+}
+
 CHOICES = {
     "quantizer.init": INIT_METHODS,
     "train.data_on_device": RESIDENCY,
@@ -284,8 +292,16 @@ def save_config_beside(cfg: RevqConfig, store: str | Path, options: dict | None 
 
 
 def config_from_dict(data: dict[str, Any], origin: str = "dict") -> RevqConfig:
-    """Rebuild a config from a resolved dict (for example a run's config.yaml)."""
+    """Rebuild a config from a resolved dict (for example a run's config.yaml); keys an older version
+    recorded (RETIRED_KEYS) are left out, and the log says which."""
     cfg = RevqConfig()
+    retired = [f"{section}.{key}" for section, values in data.items() if isinstance(values, dict)
+               for key in values if f"{section}.{key}" in RETIRED_KEYS]
+    if retired:
+        log(f"{origin} was written by an older revq-pipe: left out {', '.join(retired)} (replaced by "
+            f"{'; '.join(RETIRED_KEYS[key] for key in retired)}); those settings take their defaults")
+        data = {section: ({k: v for k, v in values.items() if f"{section}.{k}" not in RETIRED_KEYS}
+                          if isinstance(values, dict) else values) for section, values in data.items()}
     _apply_mapping(cfg, data, origin=origin)
     _validate(cfg)
     return cfg
@@ -387,6 +403,8 @@ def _assign(cfg: RevqConfig, dotted: str, value: Any, origin: str) -> None:
         raise ConfigError(f"{origin}: unknown section {section_name!r}; known sections: {', '.join(sections)}")
     section = getattr(cfg, section_name)
     fields = {f.name: f for f in dataclasses.fields(section)}
+    if dotted in RETIRED_KEYS:
+        raise ConfigError(f"{origin}: {dotted} is no longer a setting; use {RETIRED_KEYS[dotted]}")
     if key not in fields:
         raise ConfigError(
             f"{origin}: unknown key {dotted!r}; keys of {section_name}: {', '.join(fields)}"
@@ -488,6 +506,7 @@ def _validate(cfg: RevqConfig) -> None:
         "tokenize.chunk_size", "tolerance.batch_size", "dist.timeout_minutes",
         "prior.width", "prior.depth", "prior.heads", "prior.code_width", "prior.epochs", "prior.batch_size",
         "prior.lr", "prior.temperature", "prior.eval_samples_per_class", "prior.cas_epochs",
+        "adapt.steps", "adapt.codebook_lr", "adapt.rectifier_lr",
     ]
     for dotted in positive:
         section, key = dotted.split(".")
@@ -500,8 +519,13 @@ def _validate(cfg: RevqConfig) -> None:
         raise ConfigError(f"train.shuffle_window={cfg.train.shuffle_window} must be 0 (the whole split) or a "
                           "number of samples")
     unknown = [part for part in cfg.adapt.train if part not in ADAPTABLE]
-    if unknown or not cfg.adapt.train:
-        raise ConfigError(f"adapt.train={cfg.adapt.train} must name some of {', '.join(ADAPTABLE)}")
+    if unknown or not set(cfg.adapt.train) & set(TRAINABLE):
+        raise ConfigError(f"adapt.train={cfg.adapt.train} (--train) must name some of {', '.join(ADAPTABLE)}, at "
+                          f"least one of {' or '.join(TRAINABLE)}: statistics alone give the optimizer nothing to "
+                          "train")
+    if min(cfg.adapt.epochs, cfg.adapt.min_epochs) < 0:
+        raise ConfigError(f"adapt.epochs={cfg.adapt.epochs} and adapt.min_epochs={cfg.adapt.min_epochs} must be 0 "
+                          "or more (adapt.epochs=0: as many as adapt.steps take)")
     unknown = [part for part in cfg.train.trainable if part not in TRAINABLE]
     if unknown or not cfg.train.trainable:
         raise ConfigError(f"train.trainable={cfg.train.trainable} must name one or both of {', '.join(TRAINABLE)}")

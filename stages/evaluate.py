@@ -32,7 +32,7 @@ from revq_pipe.pipeline.files import atomic_write_text
 from revq_pipe.pipeline.metrics import psnr_rgb
 from revq_pipe.pipeline.quantizer import CodeUsage
 from revq_pipe.pipeline.tokenizer import RevqTokenizer
-from revq_pipe.pipeline.precision import describe as describe_precision
+from revq_pipe.pipeline.precision import describe as describe_precision, job_precision
 from revq_pipe.stages.config import RevqConfig, save_config
 from revq_pipe.stages.console import console, log, progress
 from revq_pipe.stages.datasets import contiguous_batches, image_batches, open_image_dataset
@@ -64,7 +64,8 @@ def run_evaluate(cfg: RevqConfig, *, run: str, split: str, images: str | None, f
         from_cache: evaluate at the latent level on `cache` (default data.<split>_cache).
         cache: the latent cache for the latent level; implies from_cache.
     """
-    with distributed(cfg.vae.device, cfg.dist.timeout_minutes) as ctx:
+    # the tokenizer (search and rectifier) in IEEE float32, whatever the device's default (cuDNN takes TF32)
+    with distributed(cfg.vae.device, cfg.dist.timeout_minutes) as ctx, job_precision("fp32"):
         return _evaluate(cfg, Path(run), split, images, from_cache or cache is not None, cache, ctx)
 
 
@@ -254,6 +255,7 @@ def _protocol(tokenizer: RevqTokenizer, resolution: int | None, num_images: int,
         "codebook_usage_note": ("codebook_usage: fraction of codes chosen at least once over the evaluated set, "
                                 "averaged over positions; perplexity: exp(entropy) of the code distribution, "
                                 "averaged over positions"),
+        "tokenizer_precision": "ieee float32 (no autocast, no TF32)",
         "num_images": num_images,
         "skipped": skipped_record(skipped),
     }

@@ -29,11 +29,17 @@ SHIFT = 4  # pixels of random translation in training (with horizontal flips)
 @dataclass
 class LabelledImages:
     images: torch.Tensor  # (N, 3, R, R) uint8
-    labels: torch.Tensor  # (N,) int64
+    labels: torch.Tensor  # (N,) int64; -1 for an image of no class
+
+    def labelled(self) -> "LabelledImages":
+        """The images that have a class (what a classifier trains and is scored on)."""
+        keep = self.labels >= 0
+        return LabelledImages(self.images[keep], self.labels[keep])
 
 
 def load_images(source: str, resolution: int, *, limit: int, num_workers: int, options=None) -> LabelledImages:
-    """The readable, labelled images of `source` through the recipe at `resolution` (all, or `limit` evenly spaced)."""
+    """The readable images of `source` through the recipe at `resolution` (all, or `limit` evenly spaced), with
+    their labels (-1: no class; `.labelled()` keeps the others)."""
     dataset = open_image_dataset(source, options)
     index = np.arange(len(dataset))
     if limit and limit < len(index):
@@ -46,9 +52,7 @@ def load_images(source: str, resolution: int, *, limit: int, num_workers: int, o
             labels += [dataset.label(i) for i in batch.indices]
     if not images:
         raise ValueError(f"no readable image in {source}; the class accuracy needs the token store's source images")
-    labelled = LabelledImages(torch.cat(images), torch.tensor(labels, dtype=torch.long))
-    keep = labelled.labels >= 0
-    return LabelledImages(labelled.images[keep], labelled.labels[keep])
+    return LabelledImages(torch.cat(images), torch.tensor(labels, dtype=torch.long))
 
 
 def small_classifier(num_classes: int) -> nn.Sequential:

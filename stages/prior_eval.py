@@ -147,6 +147,11 @@ def _class_accuracy(cfg: RevqConfig, num_classes: int, train_store: TokenStore, 
     train_images = _source_images(cfg, train_store, resolution, limit=cfg.prior.cas_max_train_images, missing=missing)
     if train_images is None or val_images is None:
         return None
+    train_images, val_images = train_images.labelled(), val_images.labelled()  # the FID reference keeps them all
+    if min(len(train_images.labels), len(val_images.labels)) == 0:
+        missing["cas"] = (f"class accuracy needs images with a class: {len(train_images.labels)} train and "
+                          f"{len(val_images.labels)} val images of the token stores' sources have one")
+        return None
     start = time.perf_counter()
     classifier = train_classifier(train_images, num_classes, epochs=cfg.prior.cas_epochs, seed=cfg.prior.seed,
                                   device=device)

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from revq_pipe.cache.collective import rank_slice
 from revq_pipe.pipeline.files import atomic_path, atomic_write_text
 from revq_pipe.pipeline.images import to_uint8
+from revq_pipe.pipeline.precision import job_precision
 from revq_pipe.stages.config import RevqConfig, save_config
 from revq_pipe.stages.console import log, progress
 from revq_pipe.stages.datasets import contiguous_batches, image_batches, open_image_dataset
@@ -37,7 +38,7 @@ TOLERANCE_METRICS = ("psnr", "ssim", "rfid", "lpips")
 
 def run_tolerance(cfg: RevqConfig, *, run: str, images: str) -> Path:
     """Measure the decoder's latent-noise tolerance with the tokenizer on the curve; returns RUN/tolerance.json."""
-    with distributed(cfg.vae.device, cfg.dist.timeout_minutes) as ctx:
+    with distributed(cfg.vae.device, cfg.dist.timeout_minutes) as ctx, job_precision("fp32"):  # as eval
         return _tolerance(cfg, Path(run), images, ctx)
 
 

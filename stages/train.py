@@ -91,6 +91,11 @@ def _train(cfg: RevqConfig, ctx: DistContext) -> Path:
                                                                ctx).items()}
         log(f"the starting tokenizer on {val_cache.path}: val quant {data.init_scores['init_val_quant_mse']:.5f} "
             f"rect {data.init_scores['init_val_rect_mse']:.5f}")
+    if data.holdout is None and parts.has_rectifier:  # no gate to fit: the rectifier's correction is used whole
+        previous = float(parts.rectifier.residual_gate)
+        parts.rectifier.residual_gate.fill_(1.0)
+        if previous != 1.0:
+            log(f"train.gate=false: the starting tokenizer's gate {previous:.3f} is set to 1 (its whole correction)")
     state = TrainState(parts, schedule_epochs=tc.epochs, data=_data_fingerprint(train_cache))
     if plan.checkpoint is not None:
         state.load_state_dict(plan.checkpoint)

@@ -284,7 +284,7 @@ def fit_gate(parts: TrainParts, holdout: LatentSource, batch_size: int, ctx: Dis
 
     With q the quantized latent, d the rectifier's correction and z the clean latent, what the gate gains
     on latent i is G_i(g) = |z_i - q_i|^2 - |z_i - q_i - g d_i|^2 = 2 g a_i - g^2 l_i (a_i = <z_i - q_i, d_i>,
-    l_i = |d_i|^2). g is the candidate in [0, 1] with the largest mean gain over the held-out latents among
+    l_i = |d_i|^2). g is the candidate in [0, GATE_MAX] with the largest mean gain over the held-out latents among
     those whose gain is GATE_CONFIDENCE standard errors above zero; g = 0 (the quantized latent itself)
     always qualifies. So on the held-out latents the rectified error is never above the quantized one, and
     a gain too small to tell from noise there is not taken: on other unseen latents (the validation split)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from revq_pipe.pipeline.tokenizer import RevqTokenizer
 from revq_pipe.stages.cli import app
 from revq_pipe.stages.config import load_config
 from revq_pipe.stages.train import run_train
-from tests.test_train import SHAPE, make_cache
+from tests.helpers_train import SHAPE, make_cache
 
 SIZES = ["quantizer.num_tokens=32", "quantizer.codebook_size=16", "rectifier.width=32", "rectifier.depth=1",
          "rectifier.head_dim=16", "train.batch_size=32", "train.device=cpu"]
@@ -83,15 +84,39 @@ def test_codebooks_and_statistics_adapt_when_asked_and_the_reset_works_from_a_to
     assert 0 < metrics[-1]["val_codebook_usage"] <= 1
 
 
-def test_another_latent_shape_or_a_missing_tokenizer_is_refused_in_one_line(domains, tmp_path):
+def test_another_latent_shape_another_vae_or_a_missing_tokenizer_is_refused_in_one_line(domains, tmp_path):
     root, caches, source = domains
     (tmp_path / "half").mkdir()
     other = make_cache(tmp_path / "half", "train", domain_latents(64, 0, 1)[:, :, :2].copy())
     result = CliRunner().invoke(app, ["adapt", "--from", str(source), "--train-cache", str(other),
                                       "--val-cache", str(other), "--run", str(tmp_path / "r")])
     assert result.exit_code == 2 and "shape (8, 2, 4) but the tokenizer" in result.output
+    named = tmp_path / "named"  # the source tokenizer, as if its caches had named their VAE
+    shutil.copytree(source, named)
+    settings = json.loads((named / "config.json").read_text())
+    settings["vae"] = {"source": "domain/vae", "class": "AutoencoderDC", "weights_sha256": "1" * 64}
+    (named / "config.json").write_text(json.dumps(settings))
+    (tmp_path / "vae").mkdir()
+    other_vae = {"source": "other/vae", "class": "AutoencoderDC", "weights_sha256": "0" * 64}
+    elsewhere = [make_cache(tmp_path / "vae", split, domain_latents(160, seed, 1), vae_identity=other_vae)
+                 for split, seed in (("train", 0), ("val", 1))]
+    result = CliRunner().invoke(app, ["adapt", "--from", str(named), "--train-cache", str(elsewhere[0]),
+                                      "--val-cache", str(elsewhere[1]), "--run", str(tmp_path / "r")])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert "VAE mismatch" in errors[0] and "other/vae" in errors[0] and "domain/vae" in errors[0]
     result = CliRunner().invoke(app, ["adapt", "--from", str(tmp_path / "nothing"), "--train-cache",
                                       str(caches[1][0]), "--val-cache", str(caches[1][1]), "--run",
                                       str(tmp_path / "r")])
     assert result.exit_code == 2 and "tokenizer folder" in result.output and "does not exist" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_without_the_gate_an_adapted_rectifier_uses_its_whole_correction(domains, tmp_path):
+    root, caches, source = domains
+    fitted = float(RevqTokenizer.from_pretrained(source, device="cpu").rectifier.residual_gate)
+    assert fitted != 1.0, "the source's gate was fitted, so the test can see it reset"
+    run = tmp_path / "ungated"
+    adapt(["--from", str(source), "--train-cache", str(caches[1][0]), "--val-cache", str(caches[1][1]),
+           "--run", str(run), "--epochs", "1", "--set", "train.gate=false", "--set", "train.batch_size=32"])
+    assert float(RevqTokenizer.from_pretrained(run / "tokenizer", device="cpu").rectifier.residual_gate) == 1.0

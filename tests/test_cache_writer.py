@@ -205,6 +205,27 @@ def test_unfinished_store_with_other_spec_refused(tmp_path, change):
     assert fresh.num_staged == 0
 
 
+def test_an_unfinished_store_of_an_older_version_resumes_or_is_refused_with_the_way_out(tmp_path):
+    """Older versions opened a store with source None (they recorded it at finalize): such a store resumes, and
+    the finished store records the images it came from. A staged format they wrote and this one does not read is
+    refused naming --overwrite, not "the original settings", which cannot help."""
+    inputs = make_inputs(N)
+    writer = open_writer(tmp_path / "old.zarr", N, source=None)
+    write_units(writer, inputs, [0, 1])
+    resumed = open_writer(tmp_path / "old.zarr", N)
+    assert resumed.num_staged == 2
+    write_units(resumed, inputs, resumed.pending_units(0, 1))
+    assert resumed.finalize().source == SOURCE
+    build_store(tmp_path / "fresh.zarr")
+    assert store_files(tmp_path / "old.zarr") == store_files(tmp_path / "fresh.zarr")
+
+    writer = open_writer(tmp_path / "v0.zarr", N)
+    write_units(writer, inputs, [0])
+    zarr.open_group(tmp_path / "v0.zarr", mode="r+").attrs["format_version"] = 0
+    with pytest.raises(CacheError, match=r"format version 0, started by an older revq-pipe.*pass --overwrite"):
+        open_writer(tmp_path / "v0.zarr", N)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(num_inputs=0), "num_inputs=0"), (dict(latent_shape=(4, 2)), "latent_shape"),
     (dict(split="tr/ain"), "split='tr/ain'"), (dict(chunk_size=0), "chunk_size=0"),

@@ -181,3 +181,25 @@ def test_saved_config_round_trips(tmp_path):
     again = config_from_dict(yaml.safe_load(path.read_text()))
     assert config_to_dict(again) == config_to_dict(cfg)
     assert isinstance(again, RevqConfig)
+
+
+def test_a_run_recorded_by_an_older_version_loads_without_its_retired_keys_and_says_so(capsys):
+    recorded = config_to_dict(RevqConfig())
+    recorded["train"].update(bf16=True, epochs=7)
+    recorded["vae"]["autocast_bf16"] = True
+    cfg = config_from_dict(recorded, origin="RUN/config.yaml")
+    assert (cfg.train.epochs, cfg.train.precision, cfg.vae.precision) == (7, "fp32", "fp32")
+    said = capsys.readouterr().err
+    assert "RUN/config.yaml was written by an older revq-pipe: left out vae.autocast_bf16, train.bf16" in said
+    assert "take their defaults" in said
+    with pytest.raises(ConfigError, match=r"train.bf16 is no longer a setting; use train.precision"):
+        load_config(None, ["train.bf16=true"], {})
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("adapt.train=statistics", r"at least one of codebooks or rectifier"), ("adapt.epochs=-3", r"adapt.epochs=-3 and"),
+    ("adapt.steps=0", r"adapt.steps=0 must be positive"), ("adapt.rectifier_lr=-1", r"adapt.rectifier_lr=-1.0 must"),
+])
+def test_an_adaptation_that_would_train_nothing_is_refused_before_it_starts(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [setting], {})

@@ -58,6 +58,7 @@ def test_report_without_metric_weights(eval_setup):
     protocol = report["protocol"]
     assert protocol["resolution"] == RESOLUTION and protocol["rounding"] == "clamp [0,1], round to 8 bit"
     assert protocol["fid_weights_sha256"] is None and "red channel" in protocol["psnr_note"]
+    assert protocol["tokenizer_precision"] == "ieee float32 (no autocast, no TF32)"
     assert report["vae"]["weights_sha256"] == FrozenVAE.load(str(eval_setup.vae), device="cpu").identity["weights_sha256"]
     assert len(report["tokenizer"]["model_sha256"]) == 64
     assert (eval_setup.run / "eval_val_grid.png").is_file() and (eval_setup.run / "eval_val_usage.png").is_file()

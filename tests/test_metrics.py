@@ -113,6 +113,28 @@ def test_fid_of_each_set_against_one_reference_identical_is_zero_and_a_shift_is_
     assert result.inception_score is None and "not asked for" in result.missing["inception_score"]
 
 
+class FeaturesOnly(nn.Module):
+    """A feature network that gives plain (B, 12) features, no class logits, and no num_classes attribute."""
+
+    feature_dim = 12
+
+    def forward(self, images):
+        return nn.functional.adaptive_avg_pool2d(images.double(), 2).flatten(1)
+
+
+def test_a_network_without_logits_gives_the_fid_and_a_null_inception_score_and_names_are_checked():
+    evaluator = FidEvaluator(FeaturesOnly(), ["tokenizer"], splits=2)  # sized for the Inception's 1,008 classes
+    evaluator.update_real(_images(0))
+    evaluator.update_fake(_images(0) + 3, "tokenizer")
+    result = evaluator.compute("tokenizer")
+    assert result.fid == pytest.approx(12 * 3**2, rel=1e-7)
+    assert result.inception_score is None and result.missing == {"inception_score": "the feature network gives "
+                                                                                    "no class logits"}
+    with pytest.raises(ValueError, match=r"source='fake' is not one of the sets this evaluator compares: "
+                                         r"\['tokenizer'\]"):
+        evaluator.update_fake(_images(1), "fake")
+
+
 def test_what_too_few_images_cannot_give_is_null_with_the_reason():
     evaluator = FidEvaluator(TinyFeatures(), splits=10)
     evaluator.update_real(_images(0, n=5))

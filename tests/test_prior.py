@@ -243,3 +243,18 @@ def _flat(cfg) -> dict:
 
     return {f"{section}.{key}": value for section, values in config_to_dict(cfg).items()
             for key, value in values.items()}
+
+
+def test_the_real_images_of_an_unlabelled_source_stay_for_the_fid_and_only_classes_go_to_the_classifier(tmp_path):
+    from revq_pipe.stages.prior_cas import load_images
+
+    rng = np.random.default_rng(0)
+    for folder, count in (("flat", 3), ("tree/a", 2), ("tree/b", 1)):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / folder / f"{i}.png")
+    flat = load_images(str(tmp_path / "flat"), 16, limit=0, num_workers=0)
+    assert flat.images.shape == (3, 3, 16, 16) and flat.labels.tolist() == [-1, -1, -1]
+    assert len(flat.labelled().labels) == 0
+    tree = load_images(str(tmp_path / "tree"), 16, limit=0, num_workers=0)
+    assert sorted(tree.labelled().labels.tolist()) == [0, 0, 1]

@@ -194,11 +194,13 @@ class FidEvaluator:
 
     def update_fake(self, images: torch.Tensor, source: str = "fake", indices: torch.Tensor | None = None) -> None:
         """Add images of `source`, uint8 (B, 3, H, W); `indices` (B,) place them in Inception Score splits."""
+        if source not in self.fake:
+            raise ValueError(f"source={source!r} is not one of the sets this evaluator compares: {list(self.fake)}")
         out = self._extract(images)
         self.fake[source].update(out.features)
+        if self.inception and out.logits is None:  # the same on every rank, so their tensors() still agree
+            self.inception, self._no_inception = {}, "the feature network gives no class logits"
         if self.inception:
-            if out.logits is None:
-                raise ValueError("the feature network returned no logits; pass inception_score=False to skip IS")
             self.inception[source].update(out.logits, indices)
 
     def tensors(self) -> list[torch.Tensor]:
