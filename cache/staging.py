@@ -137,9 +137,12 @@ class StagedWriter:
     # ---- opening --------------------------------------------------------------------------------
 
     @classmethod
-    def _unfinished_differences(cls, stored: dict[str, Any], attrs: dict[str, Any]) -> list[str]:
-        """spec_differences between an unfinished store and this run, over the fields the store recorded."""
-        fields = tuple(name for name in cls.SPEC_FIELDS if not (name in cls.UNSET_BY_OLDER and stored.get(name) is None))
+    def _differences(cls, stored: dict[str, Any], attrs: dict[str, Any]) -> list[str]:
+        """spec_differences between a stored store and this run; an unfinished one is compared over the fields it
+        recorded (UNSET_BY_OLDER)."""
+        unfinished = not stored.get("complete", False)
+        fields = tuple(name for name in cls.SPEC_FIELDS
+                       if not (unfinished and name in cls.UNSET_BY_OLDER and stored.get(name) is None))
         return spec_differences(stored, attrs, fields)
 
     @classmethod
@@ -155,7 +158,7 @@ class StagedWriter:
         stored = read_store_attrs(path, options)
         if not stored or stored.get("format") != cls.FORMAT or not stored.get("complete", False):
             return None
-        return None if spec_differences(stored, attrs, cls.SPEC_FIELDS) else stored
+        return None if cls._differences(stored, attrs) else stored
 
     @classmethod
     def _open_store(cls, path: str | Path, attrs: dict[str, Any], *, overwrite: bool, create: bool,
@@ -171,7 +174,7 @@ class StagedWriter:
             if stored is None or stored.get("format") != cls.FORMAT or stored.get("complete", True):
                 raise CacheError(f"no unfinished {cls.NOUN} at {path} to attach to; rank 0 must call "
                                  f"{cls.__name__}.open(..., create=True) before the other ranks")
-            diffs = cls._unfinished_differences(stored, attrs)
+            diffs = cls._differences(stored, attrs)
             if diffs:
                 raise CacheError(f"the unfinished {cls.NOUN} at {path} was started with other settings "
                                  f"({'; '.join(diffs)}); every rank must pass the same arguments")
@@ -218,8 +221,7 @@ class StagedWriter:
             raise CacheError(f"{location} is not empty and is not a Zarr store; refusing to write {cls.CONTENTS} "
                              f"into it even with --overwrite. Choose a new or empty {cls.OUT_HINT}.")
         resumable = stored.get("format") == cls.FORMAT and not stored.get("complete", False)
-        diffs = cls._unfinished_differences(stored, attrs) if resumable else spec_differences(stored, attrs,
-                                                                                              cls.SPEC_FIELDS)
+        diffs = cls._differences(stored, attrs)
         if resumable and not diffs:
             return True
         if not overwrite:
@@ -234,8 +236,7 @@ class StagedWriter:
             return (f"{path} holds an unfinished {cls.NOUN} of format version {stored.get('format_version')}, started "
                     f"by an older revq-pipe; this one writes version {attrs.get('format_version')} and cannot resume "
                     "it: pass --overwrite to start it again")
-        changes = "; ".join(cls._unfinished_differences(stored, attrs) if resumable
-                            else spec_differences(stored, attrs, cls.SPEC_FIELDS)) or "no setting"
+        changes = "; ".join(cls._differences(stored, attrs)) or "no setting"
         if resumable:
             return (f"{path} holds an unfinished {cls.NOUN} started with other settings (stored -> now: {changes}); "
                     "rerun with the original settings to resume it, or pass --overwrite to discard it")
